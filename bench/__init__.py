@@ -1,0 +1,1 @@
+"""Benchmarks and stress runs of the plugin daemon."""

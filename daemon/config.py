@@ -1,0 +1,58 @@
+"""Daemon settings: one typed object, filled from CLI flags, then env vars, then defaults.
+
+Environment variable names follow upstream Dify's plugin daemon where it has one
+(``SERVER_HOST``, ``SERVER_PORT``, ``SERVER_KEY``, ``PLUGIN_MAX_EXECUTION_TIMEOUT``,
+``PYTHON_INTERPRETER_PATH``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ValidatorDesign(StrEnum):
+    """How a session's output variables are validated (see README: "Validator designs")."""
+
+    OWNER = "owner"
+    LOCK = "lock"
+    UNSAFE = "unsafe"
+
+
+class CodecName(StrEnum):
+    ORJSON = "orjson"
+    JSON = "json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    server_host: str = "127.0.0.1"
+    server_port: int = Field(5002, ge=0, le=65535)
+    server_key: str | None = Field(None, min_length=1)
+    plugins_dir: Path = Path("plugins")
+    state_dir: Path = Path(".daemon-state")
+    validator: ValidatorDesign = ValidatorDesign.OWNER
+    codec: CodecName = CodecName.ORJSON
+
+    plugin_max_execution_timeout: float = Field(600.0, gt=0)
+    plugin_instances: int = Field(1, ge=1, le=64)
+    plugin_ready_timeout: float = Field(120.0, gt=0)
+    plugin_liveness_timeout: float = Field(60.0, gt=0)
+    plugin_max_line_bytes: int = Field(5 * 1024 * 1024, ge=1024)
+    plugin_restart_backoff_max: float = Field(30.0, gt=0)
+    python_interpreter_path: str | None = None
+
+    session_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_request_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "server.key"
+
+    @property
+    def storage_file(self) -> Path:
+        return self.state_dir / "storage.sqlite3"

@@ -1,0 +1,140 @@
+"""One tool invocation in flight: the stream from the reader to the request's task.
+
+The producer side (``deliver``, ``finish``, ``fail``) is called by the instance's
+reader thread; ``close`` may also be called by the HTTP layer (client gone) and by
+timeouts. The consumer side (``batches``) runs in the request's own task and is the
+only place that applies output variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from daemon.stream import Stream, StreamOverflow
+from daemon.validation import OutputVariables, VariableMessageError
+
+log = logging.getLogger(__name__)
+
+
+class SessionError(Exception):
+    """Ends a session; becomes the final SSE error event."""
+
+    def __init__(self, error_type: str, message: str, args: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.details = dict(args or {})
+
+    @classmethod
+    def from_plugin(cls, data: Any) -> SessionError:
+        if not isinstance(data, Mapping):
+            return cls("PluginInvokeError", f"plugin reported an error: {data!r}")
+        return cls(
+            str(data.get("error_type") or "PluginInvokeError"),
+            str(data.get("message") or "plugin reported an error"),
+            data.get("args") if isinstance(data.get("args"), Mapping) else None,
+        )
+
+
+# Error types the daemon itself produces (plugins bring their own).
+VALIDATION_ERROR = "ToolOutputValidationError"
+VALIDATION_CRASH = "ToolOutputValidationCrash"
+VARIABLE_ERROR = "ToolOutputVariableError"
+INSTANCE_DIED = "PluginInstanceDiedError"
+SLOW_CLIENT = "SlowClientError"
+TIMEOUT = "PluginExecutionTimeoutError"
+CLIENT_GONE = "ClientDisconnected"
+SHUTDOWN = "DaemonShuttingDownError"
+
+
+class Session:
+    def __init__(
+        self,
+        session_id: str,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        buffer_bytes: int,
+        variables: OutputVariables | None,
+        tenant_id: str,
+        plugin_id: str,
+    ) -> None:
+        self.id = session_id
+        self.tenant_id = tenant_id
+        self.plugin_id = plugin_id
+        self.variables = variables
+        self.stream: Stream[Any] = Stream(loop, buffer_bytes)
+        self.close_failure: BaseException | None = None
+        self._overflow_logged = False
+        self.bytes_in = 0
+        self.first_message_at: float | None = None
+        self.started_at = time.monotonic()
+
+    # -- producer side: the reader thread, the HTTP layer, timeouts ---------------
+
+    def deliver(self, messages: list[Any], nbytes: int) -> None:
+        if self.first_message_at is None:
+            self.first_message_at = time.monotonic()
+        self.bytes_in += nbytes
+        if not self.stream.put_many(messages, nbytes) and self.stream.overflowed:
+            if not self._overflow_logged:
+                self._overflow_logged = True
+                log.warning(
+                    "session %s (tenant %s, plugin %s): the client fell too far behind; ending it",
+                    self.id,
+                    self.tenant_id,
+                    self.plugin_id,
+                )
+            self.close()
+
+    def finish(self) -> None:
+        """The plugin sent ``end``."""
+        self.close()
+
+    def fail(self, error: SessionError) -> None:
+        self.close(error)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close from any thread. Designs that validate on close do it here."""
+        if self.variables is not None and self.variables.validates_on_close:
+            try:
+                self.variables.on_close()
+            except Exception as exc:  # the unsafe design's race surfaces here
+                log.error("session %s: output validation crashed: %r", self.id, exc)
+                self.close_failure = exc
+        self.stream.close(error)
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    # -- consumer side: the request's task -----------------------------------------
+
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        """Yield tool messages in batches; raise :class:`SessionError` for a failed end."""
+        variables = self.variables
+        while True:
+            try:
+                batch = await self.stream.receive_batch()
+            except StreamOverflow as exc:
+                raise SessionError(SLOW_CLIENT, str(exc)) from None
+            if not batch:
+                break
+            if variables is not None:
+                for message in batch:
+                    if isinstance(message, dict) and message.get("type") == "variable":
+                        try:
+                            variables.apply(message.get("message") or {})
+                        except VariableMessageError as exc:
+                            raise SessionError(VARIABLE_ERROR, str(exc)) from None
+            yield batch
+        if self.close_failure is not None:
+            exc = self.close_failure
+            raise SessionError(VALIDATION_CRASH, f"output validation crashed: {type(exc).__name__}: {exc}")
+        if variables is not None:
+            verdict = variables.on_end_reached()
+            if verdict is not None:
+                raise SessionError(VALIDATION_ERROR, verdict)

@@ -1,0 +1,179 @@
+"""Output-variable validation: the compiled schema and the three designs we compare.
+
+A tool that declares an ``output_schema`` gets its variable messages applied to a
+per-session map (``stream: false`` replaces, ``stream: true`` appends a string
+chunk) and the map validated once the plugin has finished. Who applies and who
+validates is the design:
+
+``unsafe``  the consumer applies; whoever closes the session validates, with no
+            synchronisation (upstream's crash, kept as a reproduction).
+``lock``    the same split, with the map guarded by a lock. No crash, but the closer
+            may validate while variable messages are still queued, unapplied.
+``owner``   only the consumer touches the map; the close travels in-band at the end
+            of the stream, and the consumer validates when it reaches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+import jsonschema
+from jsonschema.exceptions import best_match
+from jsonschema.validators import validator_for
+
+from daemon.config import ValidatorDesign
+
+
+class SchemaDeclarationError(ValueError):
+    """A tool declares an ``output_schema`` that is not a valid JSON Schema."""
+
+
+class VariableMessageError(ValueError):
+    """A variable message that cannot be applied (for example a non-string chunk)."""
+
+
+class OutputSchema:
+    """A tool's ``output_schema``, checked and compiled once at load time.
+
+    ``jsonschema.validate`` re-checks the schema on every call (milliseconds);
+    a compiled validator does not.
+    """
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        cls = validator_for(schema)
+        try:
+            cls.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise SchemaDeclarationError(f"invalid output_schema: {exc.message}") from exc
+        self.schema = schema
+        self._validator = cls(schema)
+
+    def check(self, variables: Mapping[str, Any]) -> str | None:
+        """None if ``variables`` conform, else a message naming the variable and rule."""
+        error = best_match(self._validator.iter_errors(variables))
+        if error is None:
+            return None
+        return describe(error, variables)
+
+
+def describe(error: jsonschema.ValidationError, variables: Mapping[str, Any]) -> str:
+    path = list(error.absolute_path)
+    if path:
+        name = str(path[0])
+    elif error.validator == "required" and isinstance(error.validator_value, list):
+        missing = [key for key in error.validator_value if key not in variables]
+        name = str(missing[0]) if missing else "?"
+    else:
+        name = None
+    where = f"output variable {name!r}" if name is not None else "output variables"
+    return f"{where} failed {error.validator!r}: {error.message}"
+
+
+def apply_variable(variables: dict[str, Any], message: Mapping[str, Any]) -> None:
+    """Apply one ``variable`` tool message to ``variables``."""
+    name = message.get("variable_name")
+    value = message.get("variable_value")
+    if not isinstance(name, str):
+        raise VariableMessageError("variable message without a string variable_name")
+    if message.get("stream"):
+        if not isinstance(value, str):
+            raise VariableMessageError(f"streamed chunk of variable {name!r} is not a string")
+        current = variables.get(name, "")
+        variables[name] = (current if isinstance(current, str) else "") + value
+    else:
+        variables[name] = value
+
+
+class OutputVariables:
+    """One session's variables under one design. Subclasses pick the design.
+
+    ``apply`` is called by the consumer for each variable message, ``on_close`` by
+    whoever closes the session (reader thread, HTTP layer, timeout), and
+    ``on_end_reached`` by the consumer when it reaches the clean end of the stream.
+    The last two return/record the verdict: None for "valid", else a message.
+    """
+
+    design: ClassVar[ValidatorDesign]
+    validates_on_close: ClassVar[bool]
+
+    def __init__(self, schema: OutputSchema) -> None:
+        self.schema = schema
+        self.variables: dict[str, Any] = {}
+        self.validations = 0
+        self.verdict: str | None = None
+        self.validated_count: int | None = None  # how many variables the verdict saw
+
+    def apply(self, message: Mapping[str, Any]) -> None:
+        apply_variable(self.variables, message)
+
+    def on_close(self) -> None:
+        """The closer's hook; validates here only in designs that split the work."""
+
+    def on_end_reached(self) -> str | None:
+        return self.verdict
+
+    def _validate(self) -> None:
+        # Build the instance by iterating the live map, as upstream did: this loop
+        # is where a concurrent writer raises "dictionary changed size".
+        snapshot = {name: value for name, value in self.variables.items()}
+        self.validations += 1
+        self.validated_count = len(snapshot)
+        self.verdict = self.schema.check(snapshot)
+
+
+class _CloserValidates(OutputVariables):
+    """The split design: the consumer applies, the first closer validates.
+
+    ``unsafe`` and ``lock`` differ only in the guard around the map and the flag.
+    """
+
+    validates_on_close = True
+
+    def __init__(self, schema: OutputSchema, guard: AbstractContextManager[Any]) -> None:
+        super().__init__(schema)
+        self._guard = guard
+        self._closed = False
+
+    def apply(self, message: Mapping[str, Any]) -> None:
+        with self._guard:
+            apply_variable(self.variables, message)
+
+    def on_close(self) -> None:
+        with self._guard:
+            if self._closed:  # without a lock, two closers may both get past this check
+                return
+            self._closed = True
+            self._validate()
+
+
+class UnsafeVariables(_CloserValidates):
+    design = ValidatorDesign.UNSAFE
+
+    def __init__(self, schema: OutputSchema) -> None:
+        super().__init__(schema, contextlib.nullcontext())
+
+
+class LockedVariables(_CloserValidates):
+    design = ValidatorDesign.LOCK
+
+    def __init__(self, schema: OutputSchema) -> None:
+        super().__init__(schema, threading.Lock())
+
+
+class OwnedVariables(OutputVariables):
+    design = ValidatorDesign.OWNER
+    validates_on_close = False
+
+    def on_end_reached(self) -> str | None:
+        if self.validations == 0:
+            self._validate()
+        return self.verdict
+
+
+DESIGNS: dict[ValidatorDesign, type[OutputVariables]] = {
+    cls.design: cls for cls in (UnsafeVariables, LockedVariables, OwnedVariables)
+}

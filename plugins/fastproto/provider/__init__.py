@@ -1,0 +1,1 @@
+"""Provider of fastproto (a regular package, so nothing on sys.path shadows it)."""

@@ -1,0 +1,196 @@
+"""The plugin process runtime, against real fastproto subprocesses behind a real daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from daemon.testing import Daemon, parse_sse
+
+FP = "demo/fastproto"
+
+
+def wait_for(predicate: Callable[[], Any], limit: float = 60.0) -> Any:
+    """Poll a condition the daemon will reach; the limit only keeps a broken build from hanging."""
+    end = time.monotonic() + limit
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.05)
+
+
+def last_error(events: list[Any]) -> dict[str, Any]:
+    assert events and not events[-1].ok, events
+    return events[-1].error
+
+
+def test_crash_mid_stream_ends_the_session_and_the_instance_restarts(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    (first_pid,) = daemon.instance_pids(FP)
+    events = daemon.invoke(FP, "emit", {"count": 5, "crash_at": 2})
+    assert [e.message["message"]["text"] for e in events[:-1]] == ["abcdefghijklmnop"] * 2
+    error = last_error(events)
+    assert error["error_type"] == "PluginInstanceDiedError"
+    assert "exited (exit code 3)" in error["message"]
+    daemon.wait_ready(FP)
+    assert daemon.instance_pids(FP) != [first_pid]
+    assert daemon.plugins()[FP]["restarts"] >= 1
+    assert daemon.invoke(FP, "emit", {"count": 1})[-1].ok
+
+
+def test_every_in_flight_session_ends_at_once_when_the_instance_dies(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    with httpx.Client(timeout=60) as client:
+        hanging = [
+            client.stream(
+                "POST",
+                daemon.invoke_url(),
+                **daemon.invocation(FP, "emit", {"count": 1, "hang": True}),
+            )
+            for _ in range(3)
+        ]
+        responses = [h.__enter__() for h in hanging]
+        wait_for(lambda: daemon.plugins()[FP]["instances"][0]["sessions"] == 3)
+        os.kill(daemon.instance_pids(FP)[0], signal.SIGKILL)
+        for response, h in zip(responses, hanging, strict=True):
+            events = parse_sse(response.read())
+            assert events[0].ok
+            assert last_error(events)["error_type"] == "PluginInstanceDiedError"
+            h.__exit__(None, None, None)
+
+
+def test_a_plugin_that_stops_talking_is_killed_at_the_liveness_limit(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto({"heartbeat_interval_s": 0.2}), plugin_liveness_timeout=1)
+    daemon.wait_ready(FP)
+    events = daemon.invoke(FP, "emit", {"count": 1, "stop_heartbeat": True})
+    error = last_error(events)
+    assert error["error_type"] == "PluginInstanceDiedError"
+    assert "produced no output for 1 s" in error["message"]
+    daemon.wait_ready(FP)
+
+
+def test_no_heartbeat_at_start_fails_the_start_and_invocations_get_503(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto({"no_heartbeat": True}), plugin_ready_timeout=1)
+    wait_for(lambda: (daemon.plugins()[FP]["error"] or "").endswith("(exit code -9)"))
+    assert "sent no heartbeat within 1 s" in daemon.plugins()[FP]["error"]
+    r = httpx.post(
+        daemon.invoke_url(),
+        **daemon.invocation(FP, "emit"),
+        timeout=60,
+    )
+    assert r.status_code == 503
+    assert "has no ready instance" in r.json()["message"]
+
+
+def test_exit_during_start_is_retried_with_growing_backoff(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto({"exit_during_start": 7}))
+    wait_for(lambda: daemon.plugins()[FP]["restarts"] >= 3)
+    plugin = daemon.plugins()[FP]
+    assert plugin["status"] == "starting"
+    assert "failed to start: exited (exit code 7)" in plugin["error"]
+    delays = [
+        float(line.rsplit(" in ", 1)[1].split()[0])
+        for line in daemon.log().splitlines()
+        if "restarting slot 0 in" in line
+    ]
+    assert delays[:3] == sorted(delays[:3]) and delays[0] < delays[2]
+
+
+def test_a_slow_start_is_waited_for(start: Callable[..., Daemon], fastproto: Callable[..., Path]) -> None:
+    daemon = start(fastproto({"start_delay_s": 1.5}))
+    # No wait_ready: the invocation arrives while the plugin is still starting.
+    assert daemon.invoke(FP, "emit", {"count": 1})[-1].ok
+
+
+def test_garbage_lines_are_logged_and_skipped(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    events = daemon.invoke(FP, "emit", {"count": 2, "garbage": 3})
+    assert [e.ok for e in events] == [True, True, True]  # two texts and `done`
+    assert "printed non-protocol output" in daemon.log()
+    assert daemon.plugins()[FP]["restarts"] == 0
+
+
+def test_an_oversized_line_fails_the_instance_with_a_clear_error(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto(), plugin_max_line_bytes=65536)
+    daemon.wait_ready(FP)
+    events = daemon.invoke(FP, "emit", {"count": 1, "oversized": 200_000})
+    error = last_error(events)
+    assert "longer than the 65536 byte limit" in error["message"]
+    daemon.wait_ready(FP)
+    assert daemon.invoke(FP, "emit", {"count": 1})[-1].ok
+
+
+def test_a_plugin_that_closes_stdout_is_failed_and_restarted(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto({"close_stdout_after_s": 0.5}))
+    wait_for(lambda: "closed its stdout" in daemon.log())
+    wait_for(lambda: daemon.plugins()[FP]["restarts"] >= 1)
+
+
+def test_requests_go_to_the_least_busy_ready_instance(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto(), plugin_instances=2)
+    daemon.wait_ready(FP, instances=2)
+    request = daemon.invocation(FP, "emit", {"count": 1, "hang": True})
+    with httpx.Client(timeout=60) as client:
+        url = daemon.invoke_url()
+        with client.stream("POST", url, **request) as first:
+            first_chunks = first.iter_raw()  # keep a reference: a dropped iterator closes the response
+            next(first_chunks)
+            with client.stream("POST", url, **request) as second:
+                second_chunks = second.iter_raw()
+                next(second_chunks)
+                counts = [i["sessions"] for i in daemon.plugins()[FP]["instances"]]
+                assert counts == [1, 1]
+    wait_for(lambda: [i["sessions"] for i in daemon.plugins()[FP]["instances"]] == [0, 0])
+
+
+def test_plugins_get_a_minimal_environment_without_the_server_key(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    (pid,) = daemon.instance_pids(FP)
+    environ = psutil.Process(pid).environ()
+    assert environ["INSTALL_METHOD"] == "local"
+    assert daemon.key not in "".join(f"{k}={v}" for k, v in environ.items())
+    assert not any(name.startswith(("SERVER_", "PLUGIN")) for name in environ)
+
+
+def test_plugins_die_with_the_daemon_even_on_sigkill(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto(), plugin_instances=2)
+    daemon.wait_ready(FP, instances=2)
+    pids = daemon.instance_pids(FP)
+    daemon.proc.kill()
+    daemon.proc.wait()
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids))
