@@ -111,6 +111,7 @@ def serve(settings: Settings) -> None:
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
+    log.info("listening on http://%s:%d", settings.server_host, settings.server_port)
     uvicorn.run(
         app,
         host=settings.server_host,

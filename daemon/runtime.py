@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import shutil
@@ -313,7 +314,7 @@ class PluginInstance:
     def _read_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
         with contextlib.suppress(OSError, ValueError):
-            for raw in self._proc.stderr:
+            for raw in io.BufferedReader(self._proc.stderr):  # type: ignore[arg-type]
                 line = raw.decode(errors="replace").rstrip()
                 if line:
                     log.info("plugin %s stderr: %s", self.name, line[:2000])

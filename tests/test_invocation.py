@@ -226,4 +226,25 @@ def test_sse_reader_handles_events_split_across_chunks() -> None:
     for i in range(0, len(stream), 7):
         events += reader.feed(stream[i : i + 7])
     assert [e.raw for e in events] == [json.loads(stream[6:52]), {"code": 0, "message": "x", "data": 2}]
-    time.sleep(0)
+
+
+def test_owner_verdict_is_right_behind_a_slow_reader(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    """12 MB of output ahead of the variables: the consumer lags far behind the plugin's end."""
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    params = {"count": 3000, "size": 4096, "variables": 30, "stream_chunks": 30, "violate": True}
+    reader, events = SSEReader(), []
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", daemon.invoke_url(), **daemon.invocation(FP, "emit", params)) as response,
+    ):
+        for chunk in response.iter_raw(16384):
+            events += reader.feed(chunk)
+            time.sleep(0.0005)
+    assert len(events) == 3000 + 30 + 30 + 1 + 1
+    assert all(e.ok for e in events[:-1])
+    assert last_error(events)["message"] == (
+        "output variable 'done' failed 'type': 'not-a-bool' is not of type 'boolean'"
+    )

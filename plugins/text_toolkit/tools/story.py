@@ -20,7 +20,8 @@ class StoryTool(Tool):
 
     def _invoke(self, tool_parameters: dict[str, Any]) -> Generator[ToolInvokeMessage, None, None]:
         topic = str(tool_parameters.get("topic") or "fox")
-        count = max(1, int(float(tool_parameters.get("sentences") or 3)))
+        raw = tool_parameters.get("sentences")
+        count = max(1, int(float(3 if raw in (None, "") else raw)))
         first = True
         for i in range(count):
             sentence = TEMPLATES[i % len(TEMPLATES)].format(topic=topic)
