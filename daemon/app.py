@@ -38,7 +38,7 @@ class Daemon:
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
         try:
-            specs, errors = discover(self.settings.plugins_dir)
+            specs, errors = discover(self.settings.plugins_dir, self.settings.validator_backend)
         except ManifestError as exc:
             log.error("%s", exc)
             specs, errors = [], {str(self.settings.plugins_dir): str(exc)}

@@ -17,9 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from daemon.config import CodecName, Settings, ValidatorDesign
+from daemon.config import CodecName, Settings, ValidatorBackend, ValidatorDesign
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import ManifestError, discover
+from daemon.validation import BackendUnavailable, check_backend
 
 log = logging.getLogger("daemon")
 
@@ -33,7 +34,15 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "validator",
         {
             "choices": [d.value for d in ValidatorDesign],
-            "help": "output validation design (VALIDATOR, default owner)",
+            "help": "output validation design (VALIDATOR, default owner; none skips validation)",
+        },
+    ),
+    (
+        "--validator-backend",
+        "validator_backend",
+        {
+            "choices": [b.value for b in ValidatorBackend],
+            "help": "JSON Schema implementation (VALIDATOR_BACKEND, default jsonschema)",
         },
     ),
     ("--codec", "codec", {"choices": [c.value for c in CodecName], "help": "JSON codec (CODEC)"}),
@@ -103,6 +112,10 @@ def serve(settings: Settings) -> None:
 
     from daemon.app import create_app
 
+    try:
+        check_backend(settings.validator_backend)
+    except BackendUnavailable as exc:
+        sys.exit(f"plugin-daemon: {exc}")
     key = server_key(settings)
     app = create_app(settings, key)
     try:

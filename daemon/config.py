@@ -20,6 +20,14 @@ class ValidatorDesign(StrEnum):
     OWNER = "owner"
     LOCK = "lock"
     UNSAFE = "unsafe"
+    NONE = "none"  # no validation at all: the benchmarks' baseline, never a production choice
+
+
+class ValidatorBackend(StrEnum):
+    """The JSON Schema implementation behind every design (see README: "Validator designs")."""
+
+    JSONSCHEMA = "jsonschema"
+    JSONSCHEMA_RS = "jsonschema-rs"
 
 
 class CodecName(StrEnum):
@@ -36,6 +44,7 @@ class Settings(BaseSettings):
     plugins_dir: Path = Path("plugins")
     state_dir: Path = Path(".daemon-state")
     validator: ValidatorDesign = ValidatorDesign.OWNER
+    validator_backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
     codec: CodecName = CodecName.ORJSON
 
     plugin_max_execution_timeout: float = Field(600.0, gt=0)

@@ -17,12 +17,12 @@ import anyio
 
 from daemon import codec as wire
 from daemon.codec import Codec
-from daemon.config import Settings, ValidatorDesign
+from daemon.config import Settings
 from daemon.manifest import ToolSpec
 from daemon.runtime import PluginInstance
 from daemon.session import CLIENT_GONE, TIMEOUT, Session, SessionError
 from daemon.sse import EventStreamResponse, SendBody
-from daemon.validation import DESIGNS
+from daemon.validation import new_variables
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ def new_session(
     settings: Settings,
     tenant_id: str,
 ) -> Session:
-    variables = None
-    if tool is not None and tool.output_schema is not None:
-        variables = DESIGNS[ValidatorDesign(settings.validator)](tool.output_schema)
+    variables = new_variables(settings.validator, tool.output_schema if tool is not None else None)
     return Session(
         uuid.uuid4().hex,
         asyncio.get_running_loop(),

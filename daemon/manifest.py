@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from daemon.config import ValidatorBackend
 from daemon.validation import OutputSchema, SchemaDeclarationError
 
 _NAME = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,127}$", re.IGNORECASE)
@@ -79,7 +80,7 @@ def _name(value: Any, what: str, where: Path) -> str:
     return value
 
 
-def load_tool(path: Path) -> ToolSpec:
+def load_tool(path: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA) -> ToolSpec:
     data = _load_yaml(path)
     name = _name(_field(data, "identity.name", path), "identity.name", path)
     parameters = data.get("parameters") or []
@@ -91,24 +92,26 @@ def load_tool(path: Path) -> ToolSpec:
         if not isinstance(schema, Mapping):
             raise ManifestError(f"{path}: 'output_schema' must be a mapping")
         try:
-            compiled = OutputSchema(schema)
+            compiled = OutputSchema(schema, backend)
         except SchemaDeclarationError as exc:
             raise ManifestError(f"{path}: {exc}") from None
     return ToolSpec(name, tuple(p for p in parameters if isinstance(p, Mapping)), compiled)
 
 
-def load_provider(root: Path, relative: str) -> ProviderSpec:
+def load_provider(
+    root: Path, relative: str, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
+) -> ProviderSpec:
     path = root / relative
     data = _load_yaml(path)
     name = _name(_field(data, "identity.name", path), "identity.name", path)
     tools: dict[str, ToolSpec] = {}
     for tool_file in data.get("tools") or []:
-        tool = load_tool(root / str(tool_file))
+        tool = load_tool(root / str(tool_file), backend)
         tools[tool.name] = tool
     return ProviderSpec(name, tools)
 
 
-def load_plugin(root: Path) -> PluginSpec:
+def load_plugin(root: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA) -> PluginSpec:
     root = root.resolve()
     path = root / "manifest.yaml"
     data = _load_yaml(path)
@@ -122,7 +125,7 @@ def load_plugin(root: Path) -> PluginSpec:
     plugins = data.get("plugins")
     provider_files = plugins.get("tools") if isinstance(plugins, Mapping) else None
     for provider_file in provider_files or []:
-        provider = load_provider(root, str(provider_file))
+        provider = load_provider(root, str(provider_file), backend)
         providers[provider.name] = provider
     if not providers:
         raise ManifestError(f"{path}: declares no tool providers under 'plugins.tools'")
@@ -137,8 +140,13 @@ def load_plugin(root: Path) -> PluginSpec:
     )
 
 
-def discover(plugins_dir: Path) -> tuple[list[PluginSpec], dict[str, str]]:
-    """Every loadable plugin below ``plugins_dir``, and an error per directory that is not."""
+def discover(
+    plugins_dir: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
+) -> tuple[list[PluginSpec], dict[str, str]]:
+    """Every loadable plugin below ``plugins_dir``, and an error per directory that is not.
+
+    Output schemas are compiled for ``backend``, once, here.
+    """
     specs: list[PluginSpec] = []
     errors: dict[str, str] = {}
     if not plugins_dir.is_dir():
@@ -147,7 +155,7 @@ def discover(plugins_dir: Path) -> tuple[list[PluginSpec], dict[str, str]]:
         if not child.is_dir() or child.name.startswith(".") or not (child / "manifest.yaml").exists():
             continue
         try:
-            specs.append(load_plugin(child))
+            specs.append(load_plugin(child, backend))
         except ManifestError as exc:
             errors[child.name] = str(exc)
     return specs, errors

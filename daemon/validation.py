@@ -11,6 +11,11 @@ validates is the design:
             may validate while variable messages are still queued, unapplied.
 ``owner``   only the consumer touches the map; the close travels in-band at the end
             of the stream, and the consumer validates when it reaches it.
+``none``    no map and no validation: the benchmarks' baseline.
+
+The schema itself is checked by one of two backends: the pure-Python
+``jsonschema`` (default) or the optional, much faster ``jsonschema-rs``. The
+design decides *when* validation runs; the backend only how long it takes.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import contextlib
 import threading
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import jsonschema
 from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
 
-from daemon.config import ValidatorDesign
+from daemon.config import ValidatorBackend, ValidatorDesign
 
 
 class SchemaDeclarationError(ValueError):
@@ -36,28 +41,88 @@ class VariableMessageError(ValueError):
     """A variable message that cannot be applied (for example a non-string chunk)."""
 
 
+class BackendUnavailable(RuntimeError):
+    """The selected validator backend is not installed."""
+
+
+def check_backend(backend: ValidatorBackend) -> None:
+    """Fail at start-up, not at the first invocation, if the backend cannot be imported."""
+    if backend is ValidatorBackend.JSONSCHEMA_RS:
+        try:
+            import jsonschema_rs  # noqa: F401
+        except ImportError:
+            raise BackendUnavailable(
+                "validator backend jsonschema-rs is not installed "
+                "(pip install 'plugin-daemon[jsonschema-rs]')"
+            ) from None
+
+
+class _Checker(Protocol):
+    def __call__(self, variables: Mapping[str, Any]) -> str | None: ...
+
+
 class OutputSchema:
     """A tool's ``output_schema``, checked and compiled once at load time.
 
     ``jsonschema.validate`` re-checks the schema on every call (milliseconds);
-    a compiled validator does not.
+    a compiled validator does not. The declaration is always checked against the
+    meta-schema by ``jsonschema``, so both backends refuse the same declarations
+    with the same message.
     """
 
-    def __init__(self, schema: Mapping[str, Any]) -> None:
+    def __init__(
+        self, schema: Mapping[str, Any], backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
+    ) -> None:
         cls = validator_for(schema)
         try:
             cls.check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise SchemaDeclarationError(f"invalid output_schema: {exc.message}") from exc
         self.schema = schema
-        self._validator = cls(schema)
+        self.backend = ValidatorBackend(backend)
+        self._check: _Checker
+        if self.backend is ValidatorBackend.JSONSCHEMA_RS:
+            self._check = _rs_checker(schema)
+        else:
+            self._check = _python_checker(cls(schema))
 
     def check(self, variables: Mapping[str, Any]) -> str | None:
         """None if ``variables`` conform, else a message naming the variable and rule."""
-        error = best_match(self._validator.iter_errors(variables))
+        return self._check(variables)
+
+
+def _python_checker(validator: Any) -> _Checker:
+    def check(variables: Mapping[str, Any]) -> str | None:
+        error = best_match(validator.iter_errors(variables))
         if error is None:
             return None
         return describe(error, variables)
+
+    return check
+
+
+def _rs_checker(schema: Mapping[str, Any]) -> _Checker:
+    import jsonschema_rs
+
+    try:
+        validator = jsonschema_rs.validator_for(dict(schema))
+    except (ValueError, jsonschema_rs.ValidationError) as exc:
+        raise SchemaDeclarationError(f"invalid output_schema (jsonschema-rs): {exc}") from exc
+
+    def check(variables: Mapping[str, Any]) -> str | None:
+        if validator.is_valid(variables):  # the common case: no error objects built
+            return None
+        error = next(iter(validator.iter_errors(variables)))
+        path = list(error.instance_path)
+        rule = str(error.schema_path[-1]) if error.schema_path else error.kind.name
+        name = None
+        if path:
+            name = str(path[0])
+        elif rule == "required":
+            name = str(getattr(error.kind, "property", "?"))
+        return _message(name, rule, error.message)
+
+    return check
 
 
 def describe(error: jsonschema.ValidationError, variables: Mapping[str, Any]) -> str:
@@ -69,8 +134,12 @@ def describe(error: jsonschema.ValidationError, variables: Mapping[str, Any]) ->
         name = str(missing[0]) if missing else "?"
     else:
         name = None
+    return _message(name, str(error.validator), error.message)
+
+
+def _message(name: str | None, rule: str, detail: str) -> str:
     where = f"output variable {name!r}" if name is not None else "output variables"
-    return f"{where} failed {error.validator!r}: {error.message}"
+    return f"{where} failed {rule!r}: {detail}"
 
 
 def apply_variable(variables: dict[str, Any], message: Mapping[str, Any]) -> None:
@@ -177,3 +246,10 @@ class OwnedVariables(OutputVariables):
 DESIGNS: dict[ValidatorDesign, type[OutputVariables]] = {
     cls.design: cls for cls in (UnsafeVariables, LockedVariables, OwnedVariables)
 }
+
+
+def new_variables(design: ValidatorDesign, schema: OutputSchema | None) -> OutputVariables | None:
+    """A session's variables under ``design``; None when nothing is to be validated."""
+    if schema is None or design is ValidatorDesign.NONE:
+        return None
+    return DESIGNS[design](schema)

@@ -26,6 +26,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   rm -rf .venv
   "$python" -m venv .venv
   .venv/bin/pip install --disable-pip-version-check -q --upgrade pip
-  .venv/bin/pip install --disable-pip-version-check -q -e '.[test]'
+  .venv/bin/pip install --disable-pip-version-check -q -e '.[test,bench]'
   echo "$want" > "$stamp"
 fi

@@ -79,12 +79,12 @@ def test_a_streamed_chunk_must_be_a_string() -> None:
         apply_variable({}, {"variable_name": "streamed", "variable_value": 5, "stream": True})
 
 
-def new_session(design: ValidatorDesign) -> Session:
+def new_session(design: ValidatorDesign, schema: OutputSchema = SCHEMA) -> Session:
     return Session(
         "s",
         asyncio.get_running_loop(),
         buffer_bytes=10**9,
-        variables=DESIGNS[design](SCHEMA),
+        variables=DESIGNS[design](schema),
         tenant_id="t",
         plugin_id="p/q",
     )
@@ -100,11 +100,13 @@ async def consume(session: Session) -> tuple[int, SessionError | None]:
     return count, None
 
 
-def run_lagging_consumer(design: ValidatorDesign, n: int = 20) -> tuple[Session, int, SessionError | None]:
+def run_lagging_consumer(
+    design: ValidatorDesign, n: int = 20, schema: OutputSchema = SCHEMA
+) -> tuple[Session, int, SessionError | None]:
     """The reader thread delivers everything and ``end`` before the consumer runs at all."""
 
     async def main() -> tuple[Session, int, SessionError | None]:
-        session = new_session(design)
+        session = new_session(design, schema)
 
         def reader() -> None:
             for message in plugin_output(n):
