@@ -1,0 +1,142 @@
+"""The servers a benchmark run compares: daemon variants and the bare relay baselines.
+
+Every server relays the same private copy of ``fastproto`` (one plugin process,
+the same interpreter) on loopback, so only the relay in between differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from daemon.install import ensure_venv
+from daemon.manifest import load_plugin
+from daemon.testing import REPO, Daemon, copy_plugin, free_port, start_daemon
+
+PLUGIN_ID = "demo/fastproto"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server configuration. ``kind`` is ``daemon`` or ``relay``."""
+
+    name: str
+    kind: str
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        options = " ".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
+        return f"{self.kind} {options}".strip()
+
+
+def daemon_variant(
+    name: str,
+    *,
+    codec: str = "orjson",
+    validator: str = "owner",
+    backend: str = "jsonschema",
+    tracing: bool = False,
+) -> Variant:
+    """Tracing follows the OpenTelemetry contract: off is ``OTEL_SDK_DISABLED=true``,
+    on is the SDK enabled with every trace sampled (``OTEL_TRACES_SAMPLER=always_on``)."""
+    settings = {"codec": codec, "validator": validator, "validator_backend": backend}
+    if tracing:
+        settings["otel_traces_sampler"] = "always_on"
+    else:
+        settings["otel_sdk_disabled"] = "true"
+    return Variant(name, "daemon", settings)
+
+
+def relay_variant(name: str, *, codec: str, coalesce: bool) -> Variant:
+    return Variant(name, "relay", {"codec": codec, "coalesce": str(coalesce).lower()})
+
+
+class Server:
+    """A running server: its pid (for CPU, RSS and py-spy), address and headers."""
+
+    def __init__(self, variant: Variant, workdir: Path) -> None:
+        self.variant = variant
+        self.workdir = workdir
+        self.pid = 0
+        self.port = 0
+        self.headers: dict[str, str] = {}
+        self._daemon: Daemon | None = None
+        self._relay: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True)
+        plugins = self.workdir / "plugins"
+        plugins.mkdir()
+        plugin_dir = copy_plugin("fastproto", plugins)
+        if self.variant.kind == "daemon":
+            self._daemon = start_daemon(
+                plugins, self.workdir / "state", self.workdir / "server.log", **self.variant.settings
+            )
+            self._daemon.wait_ready(PLUGIN_ID)
+            self.pid = self._daemon.proc.pid
+            self.port = int(self._daemon.url.rsplit(":", 1)[1])
+            self.headers = {k: v for k, v in self._daemon.headers(PLUGIN_ID).items()}
+            return
+        python = asyncio.run(ensure_venv(load_plugin(plugin_dir), None))
+        self.port = free_port()
+        command = [sys.executable, "-m", "bench.relay", "--port", str(self.port)]
+        command += [
+            "--plugin",
+            str(plugin_dir),
+            "--python",
+            str(python),
+            "--codec",
+            self.variant.settings["codec"],
+        ]
+        if self.variant.settings["coalesce"] == "true":
+            command.append("--coalesce")
+        log = (self.workdir / "server.log").open("wb")
+        self._relay = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.pid = self._relay.pid
+        self.headers = {"content-type": "application/json", "x-plugin-id": PLUGIN_ID}
+        deadline = time.monotonic() + 120
+        while True:
+            if self._relay.poll() is not None:
+                raise RuntimeError(f"relay exited: {(self.workdir / 'server.log').read_text()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health/check", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("relay did not come up")
+            time.sleep(0.05)
+
+    @property
+    def process(self) -> psutil.Process:
+        return psutil.Process(self.pid)
+
+    def plugin_pids(self) -> list[int]:
+        return [child.pid for child in self.process.children(recursive=True)]
+
+    def stop(self) -> None:
+        if self._daemon is not None:
+            self._daemon.stop()
+        if self._relay is not None and self._relay.poll() is None:
+            self._relay.send_signal(signal.SIGTERM)
+            try:
+                self._relay.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._relay.kill()
+                self._relay.wait()
+
+
+def prepare_environment() -> dict[str, Any]:
+    """Keep the caller's tracing settings out of the servers: each variant sets its own."""
+    removed = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("OTEL_")}
+    return removed
