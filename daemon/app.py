@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
+import html
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlencode
 
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from daemon import __version__, dispatch
+from daemon import __version__, access, dispatch, metrics, tracepage
 from daemon.codec import get_codec, tool_request
-from daemon.config import Settings
+from daemon.config import Access, Settings
 from daemon.dispatch import BadRequest
 from daemon.invocation import Invocation, new_session
 from daemon.manifest import ManifestError, ToolSpec, discover
+from daemon.metrics import RuntimeCollector
 from daemon.runtime import PluginPool, PluginUnavailable, Runtime
 from daemon.storage import BackwardsServices, Storage
+from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +35,14 @@ log = logging.getLogger(__name__)
 class Daemon:
     """What the routes need, built in the app's lifespan."""
 
-    def __init__(self, settings: Settings, server_key: str) -> None:
+    def __init__(self, settings: Settings, server_key: str, tracing: Tracing) -> None:
         self.settings = settings
         self.server_key = server_key
+        self.tracing = tracing
         self.codec = get_codec(settings.codec)
         self.storage: Storage | None = None
         self.runtime: Runtime | None = None
+        self._collector: RuntimeCollector | None = None
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -52,6 +61,8 @@ class Daemon:
             load_errors=errors,
         )
         await self.runtime.start()
+        self._collector = RuntimeCollector(self.runtime.instance_states)
+        metrics.REGISTRY.register(self._collector)
         log.info(
             "serving %d plugin(s) with the %s validator and the %s codec",
             len(self.runtime.pools),
@@ -62,8 +73,11 @@ class Daemon:
     async def stop(self) -> None:
         if self.runtime is not None:
             await self.runtime.stop()
+        if self._collector is not None:
+            metrics.REGISTRY.unregister(self._collector)
         if self.storage is not None:
             self.storage.close()
+        self.tracing.shutdown()
 
     def pool(self, plugin_id: str) -> PluginPool:
         assert self.runtime is not None
@@ -122,7 +136,12 @@ async def _dispatch(request: Request, action: str) -> Response:
         context=parsed.context,
     )
     invocation = Invocation(
-        instance, envelope, session, codec=daemon.codec, timeout=settings.plugin_max_execution_timeout
+        instance,
+        envelope,
+        session,
+        codec=daemon.codec,
+        timeout=settings.plugin_max_execution_timeout,
+        design=settings.validator.value,
     )
     return invocation.response()  # type: ignore[return-value]
 
@@ -154,6 +173,72 @@ async def list_plugins(request: Request) -> Response:
     return JSONResponse(body)
 
 
+def _refusal(status: int, what: str) -> JSONResponse:
+    if status == 404:
+        return JSONResponse({"code": -404, "message": f"{what} is turned off", "data": None}, status_code=404)
+    message = f"{what} needs the server key (X-Api-Key or Authorization: Bearer) from this address"
+    return JSONResponse({"code": -401, "message": message, "data": None}, status_code=401)
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    daemon: Daemon = request.app.state.daemon
+    refused = access.check(request, daemon.settings.metrics_access, daemon.server_key)
+    if refused is not None:
+        return _refusal(refused, "/metrics")
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(metrics.REGISTRY), media_type=content_type)
+
+
+async def debug_traces(request: Request) -> Response:
+    daemon: Daemon = request.app.state.daemon
+    refused = access.check(request, daemon.settings.debug_access, daemon.server_key)
+    if refused == 401:
+        return RedirectResponse(f"/debug/login?{urlencode({'next': str(request.url)})}", status_code=303)
+    if refused is not None:
+        return _refusal(refused, "/debug/traces")
+    ring = daemon.tracing.ring
+    if ring is None:
+        message = "tracing is disabled (OTEL_SDK_DISABLED=true or TRACE_RING_SPANS=0)"
+        return JSONResponse({"code": -404, "message": message, "data": None}, status_code=404)
+    spans = ring.snapshot()
+    params = request.query_params
+    if "trace" in params:
+        page = tracepage.render_trace(spans, params["trace"])
+    elif "name" in params:
+        page = tracepage.render_list(spans, params["name"], params.get("view", "recent"))
+    else:
+        page = tracepage.render_index(spans, daemon.settings.trace_ring_spans)
+    return HTMLResponse(page)
+
+
+LOGIN_FORM = """<!doctype html><html><head><meta charset='utf-8'><title>Sign in</title></head>
+<body style='font:14px system-ui;margin:40px'><h1 style='font-size:18px'>plugin-daemon debug pages</h1>
+<form method='post'><input type='hidden' name='next' value='{next}'>
+<label>Server key <input type='password' name='key' autofocus></label> <button>Sign in</button></form>
+<p style='color:#b3261e'>{error}</p></body></html>"""
+
+
+async def debug_login(request: Request) -> Response:
+    """A small form that trades the server key for a cookie, so a browser can open the pages."""
+    daemon: Daemon = request.app.state.daemon
+    if daemon.settings.debug_access is Access.OFF:
+        return _refusal(404, "/debug")
+    if request.method == "GET":
+        nxt = request.query_params.get("next", "/debug/traces")
+        return HTMLResponse(LOGIN_FORM.format(next=html.escape(nxt), error=""))
+    form = parse_qs((await request.body())[:4096].decode(errors="replace"))
+    key, nxt = form.get("key", [""])[0], form.get("next", ["/debug/traces"])[0]
+    if not hmac.compare_digest(key.encode(), daemon.server_key.encode()):
+        return HTMLResponse(LOGIN_FORM.format(next=html.escape(nxt), error="wrong key"), status_code=401)
+    local = nxt.startswith("/") and not nxt.startswith("//")
+    target = nxt if local or nxt.startswith(str(request.base_url)) else "/debug/traces"
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        access.COOKIE, access.cookie_token(daemon.server_key), httponly=True, samesite="strict", path="/debug"
+    )
+    return response
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = f"{exc.detail}: {request.method} {request.url.path}"
@@ -162,8 +247,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def create_app(settings: Settings, server_key: str) -> Starlette:
-    daemon = Daemon(settings, server_key)
+def create_app(settings: Settings, server_key: str, tracing: Tracing | None = None) -> Starlette:
+    tracing = tracing or setup_tracing(settings.trace_ring_spans)
+    daemon = Daemon(settings, server_key, tracing)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -173,17 +259,26 @@ def create_app(settings: Settings, server_key: str) -> Starlette:
         finally:
             await daemon.stop()
 
+    routes = [
+        Route("/plugin/{tenant_id}/dispatch/tool/invoke", invoke_tool, methods=["POST"]),
+        Route(
+            "/plugin/{tenant_id}/dispatch/tool/validate_credentials",
+            validate_credentials,
+            methods=["POST"],
+        ),
+        Route("/health/check", health, methods=["GET"]),
+        Route("/plugins", list_plugins, methods=["GET"]),
+        Route("/metrics", prometheus_metrics, methods=["GET"]),
+        Route("/debug/traces", debug_traces, methods=["GET"]),
+        Route("/debug/login", debug_login, methods=["GET", "POST"]),
+    ]
+    middleware = []
+    if tracing.enabled:
+        templates = {route.endpoint: route.path for route in routes}
+        middleware.append(Middleware(TracingMiddleware, routes=templates))
     app = Starlette(
-        routes=[
-            Route("/plugin/{tenant_id}/dispatch/tool/invoke", invoke_tool, methods=["POST"]),
-            Route(
-                "/plugin/{tenant_id}/dispatch/tool/validate_credentials",
-                validate_credentials,
-                methods=["POST"],
-            ),
-            Route("/health/check", health, methods=["GET"]),
-            Route("/plugins", list_plugins, methods=["GET"]),
-        ],
+        routes=routes,
+        middleware=middleware,
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )

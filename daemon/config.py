@@ -30,6 +30,15 @@ class ValidatorBackend(StrEnum):
     JSONSCHEMA_RS = "jsonschema-rs"
 
 
+class Access(StrEnum):
+    """Who may read an operator endpoint (``/metrics``, ``/debug/*``)."""
+
+    OPEN = "open"  # anyone who can reach the port
+    LOOPBACK = "loopback"  # loopback clients freely, others with the server key
+    KEY = "key"  # only with the server key
+    OFF = "off"  # not served
+
+
 class CodecName(StrEnum):
     ORJSON = "orjson"
     JSON = "json"
@@ -54,6 +63,10 @@ class Settings(BaseSettings):
     plugin_max_line_bytes: int = Field(5 * 1024 * 1024, ge=1024)
     plugin_restart_backoff_max: float = Field(30.0, gt=0)
     python_interpreter_path: str | None = None
+
+    metrics_access: Access = Access.LOOPBACK
+    debug_access: Access = Access.LOOPBACK
+    trace_ring_spans: int = Field(20000, ge=0)
 
     session_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_request_body_bytes: int = Field(1024 * 1024, ge=1024)

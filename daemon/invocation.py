@@ -2,29 +2,36 @@
 
 Whatever happens (plugin end or error, instance death, slow client, timeout,
 client gone), the session is released from its instance exactly once and the
-caller's last event says how it ended.
+caller's last event says how it ended. The ``plugin.session`` span and the
+invocation metrics are recorded here, once per session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 import anyio
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, Status, StatusCode
 
 from daemon import codec as wire
+from daemon import metrics
 from daemon.codec import Codec
 from daemon.config import Settings
+from daemon.errors import CLIENT_GONE, SLOW_CLIENT, TIMEOUT, SessionError
 from daemon.manifest import ToolSpec
 from daemon.runtime import PluginInstance
-from daemon.session import CLIENT_GONE, TIMEOUT, Session, SessionError
+from daemon.session import Session
 from daemon.sse import EventStreamResponse, SendBody
 from daemon.validation import new_variables
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+_ENCODE_SECONDS = metrics.serialization_seconds.labels("encode")
 
 FINAL_EVENT_GRACE = 5.0
 
@@ -33,19 +40,24 @@ class Invocation:
     def __init__(
         self,
         instance: PluginInstance,
-        request: Mapping[str, Any],
+        request: dict[str, Any],
         session: Session,
         *,
         codec: Codec,
         timeout: float,
+        design: str,
     ) -> None:
         self.instance = instance
         self.request = request
         self.session = session
         self.codec = codec
         self.timeout = timeout
+        self.design = design
+        self.operation = request["data"]["action"]
         self.messages_out = 0
         self.bytes_out = 0
+        self.encode_seconds = 0.0
+        self.first_event_at: float | None = None
         self.outcome = "pending"
 
     def response(self) -> EventStreamResponse:
@@ -56,15 +68,47 @@ class Invocation:
         self.session.close(SessionError(CLIENT_GONE, "the client disconnected"))
 
     async def relay(self, send_body: SendBody) -> None:
+        plugin_id = self.instance.spec.id
+        data = self.request["data"]
+        attributes = {
+            "plugin.id": plugin_id,
+            "plugin.instance": self.instance.index,
+            "plugin.operation": self.operation,
+            "plugin.provider": str(data.get("provider")),
+            "plugin.session_id": self.session.id,
+            "tenant.id": self.session.tenant_id,
+            "validation.design": self.design if self.session.variables is not None else "none",
+        }
+        if "tool" in data:
+            attributes["plugin.tool"] = str(data["tool"])
+        active = metrics.invocations_active.labels(plugin_id)
+        started = time.perf_counter()
+        with _tracer.start_as_current_span("plugin.session", attributes=attributes) as span:
+            self.session.attach_trace(trace.set_span_in_context(span))
+            # Hand the trace to the plugin, so an instrumented plugin can continue it.
+            propagate.inject(self.request["context"])
+            active.inc()
+            try:
+                await self._relay(send_body, started)
+            finally:
+                active.dec()
+                self._record(span, started)
+
+    async def _relay(self, send_body: SendBody, started: float) -> None:
         session, codec = self.session, self.codec
+        clock = time.perf_counter
         try:
             self.instance.open_session(session, self.request)
             with anyio.move_on_after(self.timeout) as deadline:
                 try:
                     async for batch in session.batches():
+                        encode_started = clock()
                         body = b"".join([wire.sse_success(codec, message) for message in batch])
+                        self.encode_seconds += clock() - encode_started
                         self.messages_out += len(batch)
                         self.bytes_out += len(body)
+                        if self.first_event_at is None:
+                            self.first_event_at = clock()
                         await send_body(body)
                     self.outcome = "success"
                 except SessionError as error:
@@ -72,7 +116,7 @@ class Invocation:
                         self.outcome = error.error_type
                     await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
             if deadline.cancelled_caught:
-                self.outcome = "timeout"
+                self.outcome = TIMEOUT
                 message = f"the plugin did not finish within {self.timeout:g} s"
                 session.close(SessionError(TIMEOUT, message))
                 with anyio.move_on_after(FINAL_EVENT_GRACE):
@@ -82,6 +126,48 @@ class Invocation:
             self.instance.release(session)
             if not session.closed:
                 session.close()
+
+    def _record(self, span: Span, started: float) -> None:
+        """Metrics and span attributes, once per session: never per message."""
+        session = self.session
+        plugin_id = self.instance.spec.id
+        ended = time.perf_counter()
+        outcome = metrics.outcome_label(self.outcome)
+        # Exemplars tie a latency bucket to a trace (shown by Grafana, exposed in OpenMetrics).
+        exemplar = (
+            {"trace_id": format(span.get_span_context().trace_id, "032x")} if span.is_recording() else None
+        )
+        metrics.invocations_total.labels(plugin_id, self.operation, outcome).inc()
+        metrics.invocation_duration.labels(plugin_id, self.operation).observe(ended - started, exemplar)
+        if self.first_event_at is not None:
+            metrics.time_to_first_event.labels(plugin_id).observe(self.first_event_at - started, exemplar)
+        metrics.messages_relayed.labels(plugin_id).inc(self.messages_out)
+        metrics.bytes_relayed.labels(plugin_id, "in").inc(session.bytes_in)
+        metrics.bytes_relayed.labels(plugin_id, "out").inc(self.bytes_out)
+        metrics.session_buffer_peak.labels(plugin_id).observe(session.stream.peak_bytes)
+        _ENCODE_SECONDS.inc(self.encode_seconds)
+        if self.outcome in (SLOW_CLIENT, TIMEOUT):
+            reason = "slow_client" if self.outcome == SLOW_CLIENT else "timeout"
+            metrics.session_terminations.labels(plugin_id, reason).inc()
+        if not span.is_recording():
+            return
+        span.set_attributes(
+            {
+                "plugin.messages_in": session.stream.received_items,
+                "plugin.messages_out": self.messages_out,
+                "plugin.bytes_in": session.bytes_in,
+                "plugin.bytes_out": self.bytes_out,
+                "plugin.decode_seconds": session.decode_seconds,
+                "plugin.encode_seconds": self.encode_seconds,
+                "plugin.outcome": outcome,
+            }
+        )
+        if session.first_message_at is not None:
+            span.set_attribute("plugin.time_to_first_message_seconds", session.first_message_at - started)
+        if self.first_event_at is not None:
+            span.set_attribute("plugin.time_to_first_event_seconds", self.first_event_at - started)
+        if outcome not in ("success", "client_gone"):
+            span.set_status(Status(StatusCode.ERROR, self.outcome))
 
 
 def new_session(

@@ -33,20 +33,27 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from daemon import codec as wire
+from daemon import metrics
 from daemon.codec import Codec
 from daemon.config import Settings
+from daemon.errors import INSTANCE_DIED, SHUTDOWN, SessionError
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import PluginSpec
-from daemon.session import INSTANCE_DIED, SHUTDOWN, Session, SessionError
+from daemon.session import Session
 from daemon.storage import BackwardsError, BackwardsServices
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+_DECODE_SECONDS = metrics.serialization_seconds.labels("decode")
 
 READ_CHUNK = 256 * 1024
 _SETPRIV = shutil.which("setpriv")
@@ -128,6 +135,21 @@ class PluginInstance:
 
     async def start(self) -> None:
         """Spawn and wait for the first heartbeat; raise :class:`InstanceStartError`."""
+        with _tracer.start_as_current_span(
+            "plugin.spawn", attributes={"plugin.id": self.spec.id, "plugin.instance": self.index}
+        ) as span:
+            try:
+                await self._start()
+            except InstanceStartError as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                span.set_attribute("plugin.outcome", "failed")
+                raise
+            finally:
+                if self.pid is not None:
+                    span.set_attribute("process.pid", self.pid)
+            span.set_attribute("plugin.outcome", "ready")
+
+    async def _start(self) -> None:
         cmd = [str(self._python), "-m", self.spec.entrypoint]
         if _SETPRIV:
             cmd = [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
@@ -256,6 +278,8 @@ class PluginInstance:
 
     def _handle_lines(self, lines: list[bytes]) -> None:
         loads = self._codec.loads
+        clock = time.perf_counter
+        decode_total = 0.0
         pending: dict[str, _Batch] = {}  # stream messages per session, delivered once per chunk
 
         def flush(session_id: str) -> None:
@@ -266,10 +290,13 @@ class PluginInstance:
         for line in lines:
             if not line or line.isspace():
                 continue
+            started = clock()
             try:
                 obj = loads(line)
             except ValueError:
                 obj = None
+            decoded = clock() - started
+            decode_total += decoded
             if not isinstance(obj, dict):
                 log.warning("plugin %s printed non-protocol output: %r", self.name, line[:200])
                 continue
@@ -280,6 +307,7 @@ class PluginInstance:
                 data = obj.get("data")
                 if session is None or not isinstance(data, dict):
                     continue  # a late message for a session that already ended
+                session.decode_seconds += decoded
                 kind = data.get("type")
                 if kind == wire.SESSION_STREAM:
                     batch = pending.get(session_id)
@@ -305,6 +333,7 @@ class PluginInstance:
             # anything else (the SDK's bare manifest line) carries nothing for us
         for session_id in list(pending):
             flush(session_id)
+        _DECODE_SECONDS.inc(decode_total)
 
     def _forward_log(self, data: Any) -> None:
         if isinstance(data, dict):
@@ -331,6 +360,16 @@ class PluginInstance:
         for session in list(self.sessions.values()):
             session.fail(self._death)
         log.log(logging.INFO if self._stopping else logging.WARNING, "%s", message)
+        with _tracer.start_as_current_span("plugin.exit") as span:
+            span.set_attributes(
+                {
+                    "plugin.id": self.spec.id,
+                    "plugin.instance": self.index,
+                    "plugin.exit_cause": cause,
+                    "plugin.exit_code": code,
+                    "plugin.sessions_failed": len(self.sessions),
+                }
+            )
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._set_exited, outcome)
 
@@ -353,18 +392,30 @@ class PluginInstance:
             log.warning("plugin %s sent a malformed backwards invocation: %r", self.name, invocation)
             return
         request_id = invocation["backwards_request_id"]
-        try:
-            result = await self._services.handle(session.tenant_id, session.plugin_id, invocation)
-        except BackwardsError as exc:
-            self.send(wire.backwards_response(session.id, request_id, "error", message=str(exc)))
-            return
-        except Exception as exc:
-            log.exception("plugin %s: backwards invocation failed", self.name)
-            message = f"internal error: {exc}"
-            self.send(wire.backwards_response(session.id, request_id, "error", message=message))
-            return
-        self.send(wire.backwards_response(session.id, request_id, "response", data=result))
-        self.send(wire.backwards_response(session.id, request_id, "end"))
+        request = invocation.get("request")
+        attributes = {
+            "backwards.type": str(invocation.get("type")),
+            "backwards.operation": str(request.get("opt")) if isinstance(request, dict) else "",
+            "plugin.session_id": session.id,
+        }
+        with _tracer.start_as_current_span(
+            "plugin.backwards", context=session.trace_context, attributes=attributes
+        ) as span:
+            try:
+                result = await self._services.handle(session.tenant_id, session.plugin_id, invocation)
+            except BackwardsError as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                self.send(wire.backwards_response(session.id, request_id, "error", message=str(exc)))
+                return
+            except Exception as exc:
+                log.exception("plugin %s: backwards invocation failed", self.name)
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                message = f"internal error: {exc}"
+                self.send(wire.backwards_response(session.id, request_id, "error", message=message))
+                return
+            self.send(wire.backwards_response(session.id, request_id, "response", data=result))
+            self.send(wire.backwards_response(session.id, request_id, "end"))
 
 
 class _Batch:
@@ -404,6 +455,7 @@ class PluginPool:
         self.instances: list[PluginInstance | None] = [None] * settings.plugin_instances
         self._changed = asyncio.Condition()
         self._stopping = False
+        metrics.register_plugin(spec.id)
 
     async def run(self) -> None:
         """Install, then supervise every instance slot until cancelled."""
@@ -452,6 +504,7 @@ class PluginPool:
                 break
             await self._set_status(self._aggregate_status())
             self.restarts += 1
+            metrics.instance_restarts.labels(self.spec.id).inc()
             delay = min(self._settings.plugin_restart_backoff_max, 0.25 * 2 ** (failures - 1))
             log.warning("plugin %s: restarting slot %d in %.2f s", self.spec.id, slot, delay)
             await asyncio.sleep(delay)
@@ -538,6 +591,16 @@ class Runtime:
                 continue
             self.pools[spec.id] = PluginPool(spec, settings=settings, codec=codec, services=services)
         self._tasks: list[asyncio.Task[None]] = []
+
+    def instance_states(self) -> Iterator[tuple[str, int, bool, bool, int]]:
+        """(plugin id, slot, up, ready, bytes queued for callers) per slot, for metrics."""
+        for plugin_id, pool in self.pools.items():
+            for slot, instance in enumerate(pool.instances):
+                if instance is None:
+                    yield plugin_id, slot, False, False, 0
+                    continue
+                queued = sum(s.stream.buffered_bytes for s in list(instance.sessions.values()))
+                yield plugin_id, slot, not instance.exited.done(), instance.ready, queued
 
     async def start(self) -> None:
         self._tasks = [

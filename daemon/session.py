@@ -11,44 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry.context import Context
+
+from daemon.errors import (
+    SLOW_CLIENT,
+    VALIDATION_CRASH,
+    VALIDATION_ERROR,
+    VARIABLE_ERROR,
+    SessionError,
+)
 from daemon.stream import Stream, StreamOverflow
 from daemon.validation import OutputVariables, VariableMessageError
 
 log = logging.getLogger(__name__)
-
-
-class SessionError(Exception):
-    """Ends a session; becomes the final SSE error event."""
-
-    def __init__(self, error_type: str, message: str, args: Mapping[str, Any] | None = None):
-        super().__init__(message)
-        self.error_type = error_type
-        self.message = message
-        self.details = dict(args or {})
-
-    @classmethod
-    def from_plugin(cls, data: Any) -> SessionError:
-        if not isinstance(data, Mapping):
-            return cls("PluginInvokeError", f"plugin reported an error: {data!r}")
-        return cls(
-            str(data.get("error_type") or "PluginInvokeError"),
-            str(data.get("message") or "plugin reported an error"),
-            data.get("args") if isinstance(data.get("args"), Mapping) else None,
-        )
-
-
-# Error types the daemon itself produces (plugins bring their own).
-VALIDATION_ERROR = "ToolOutputValidationError"
-VALIDATION_CRASH = "ToolOutputValidationCrash"
-VARIABLE_ERROR = "ToolOutputVariableError"
-INSTANCE_DIED = "PluginInstanceDiedError"
-SLOW_CLIENT = "SlowClientError"
-TIMEOUT = "PluginExecutionTimeoutError"
-CLIENT_GONE = "ClientDisconnected"
-SHUTDOWN = "DaemonShuttingDownError"
 
 
 class Session:
@@ -67,17 +45,25 @@ class Session:
         self.plugin_id = plugin_id
         self.variables = variables
         self.stream: Stream[Any] = Stream(loop, buffer_bytes)
+        self.trace_context: Context | None = None  # the session span, for work on other threads
+        self.decode_seconds = 0.0  # accumulated by the reader thread
         self.close_failure: BaseException | None = None
         self._overflow_logged = False
         self.bytes_in = 0
         self.first_message_at: float | None = None
-        self.started_at = time.monotonic()
+        self.started_at = time.perf_counter()
+
+    def attach_trace(self, context: Context) -> None:
+        """Parent work done for this session on other threads (validation, backwards calls)."""
+        self.trace_context = context
+        if self.variables is not None:
+            self.variables.trace_context = context
 
     # -- producer side: the reader thread, the HTTP layer, timeouts ---------------
 
     def deliver(self, messages: list[Any], nbytes: int) -> None:
         if self.first_message_at is None:
-            self.first_message_at = time.monotonic()
+            self.first_message_at = time.perf_counter()
         self.bytes_in += nbytes
         if not self.stream.put_many(messages, nbytes) and self.stream.overflowed:
             if not self._overflow_logged:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
@@ -29,8 +30,13 @@ from typing import Any, ClassVar, Protocol
 import jsonschema
 from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
+from opentelemetry import trace
+from opentelemetry.context import Context
 
+from daemon import metrics
 from daemon.config import ValidatorBackend, ValidatorDesign
+
+_tracer = trace.get_tracer(__name__)
 
 
 class SchemaDeclarationError(ValueError):
@@ -175,6 +181,7 @@ class OutputVariables:
         self.validations = 0
         self.verdict: str | None = None
         self.validated_count: int | None = None  # how many variables the verdict saw
+        self.trace_context: Context | None = None  # the session span, the parent of ours
 
     def apply(self, message: Mapping[str, Any]) -> None:
         apply_variable(self.variables, message)
@@ -186,12 +193,34 @@ class OutputVariables:
         return self.verdict
 
     def _validate(self) -> None:
-        # Build the instance by iterating the live map, as upstream did: this loop
-        # is where a concurrent writer raises "dictionary changed size".
-        snapshot = {name: value for name, value in self.variables.items()}
-        self.validations += 1
-        self.validated_count = len(snapshot)
-        self.verdict = self.schema.check(snapshot)
+        # Runs on the consumer's task (owner) or on whichever thread closes (lock,
+        # unsafe), so the span's parent is passed explicitly.
+        design = self.design.value
+        with _tracer.start_as_current_span("output.validate", context=self.trace_context) as span:
+            started = time.perf_counter()
+            try:
+                # Build the instance by iterating the live map, as upstream did: this
+                # loop is where a concurrent writer raises "dictionary changed size".
+                snapshot = {name: value for name, value in self.variables.items()}
+                self.validations += 1
+                self.validated_count = len(snapshot)
+                self.verdict = self.schema.check(snapshot)
+            except Exception:
+                metrics.validations_total.labels(design, "crash").inc()
+                raise
+            finally:
+                metrics.validation_duration.labels(design).observe(time.perf_counter() - started)
+            metrics.validations_total.labels(design, "pass" if self.verdict is None else "fail").inc()
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "validation.design": design,
+                        "validation.variables": len(snapshot),
+                        "validation.verdict": "pass" if self.verdict is None else "fail",
+                    }
+                )
+                if self.verdict is not None:
+                    span.set_attribute("validation.error", self.verdict)
 
 
 class _CloserValidates(OutputVariables):

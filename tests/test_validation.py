@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from daemon.config import ValidatorDesign
-from daemon.session import VALIDATION_ERROR, Session, SessionError
+from daemon.errors import VALIDATION_ERROR, SessionError
+from daemon.session import Session
 from daemon.validation import (
     DESIGNS,
     OutputSchema,

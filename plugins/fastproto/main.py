@@ -207,7 +207,14 @@ def main() -> None:
             message = json.loads(line)
             event, data = message["event"], message["data"]
             if event == "request":
-                session = Session(str(message["session_id"]), out, backwards, stopped)
+                context = message.get("context")
+                session = Session(
+                    str(message["session_id"]),
+                    out,
+                    backwards,
+                    stopped,
+                    context if isinstance(context, dict) else None,
+                )
                 workers.submit(session, data)
             elif event == "backwards_response":
                 backwards.route(data)

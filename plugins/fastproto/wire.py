@@ -148,11 +148,13 @@ class Session:
         out: Output,
         backwards: Backwards,
         heartbeats_stopped: threading.Event,
+        context: dict[str, Any] | None = None,
     ) -> None:
         self.session_id = session_id
         self.out = out
         self.backwards = backwards
         self.heartbeats_stopped = heartbeats_stopped
+        self.context = context or {}  # the request envelope's context (trace context included)
 
     def storage_set(self, key: str, value: bytes) -> None:
         request = {"opt": "set", "key": key, "value": value.hex()}

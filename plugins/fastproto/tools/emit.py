@@ -50,6 +50,8 @@ def planned(session: Session, params: dict[str, Any]) -> ToolStream:
         yield "text", {"text": session.storage_get(str(storage_key)).decode("utf-8")}
     if as_bool(params.get("invoke_other"), False):
         yield "text", {"text": invoke_unsupported(session)}
+    if as_bool(params.get("echo_context"), False):
+        yield "json", {"json_object": session.context}
 
     count, size = as_int(params.get("count"), 1), as_int(params.get("size"), 16)
     pad = padding(size)

@@ -1,0 +1,179 @@
+"""Tracing: the OpenTelemetry set-up, and the in-memory ring behind ``/debug/traces``.
+
+Exporters follow the standard environment variables: ``OTEL_TRACES_EXPORTER``
+(``otlp``, ``console``, ``none``; a comma-separated list), ``OTEL_EXPORTER_OTLP_*``
+(endpoint, headers, ``OTEL_EXPORTER_OTLP_PROTOCOL`` = ``http/protobuf`` or ``grpc``),
+``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_SERVICE_NAME`` and
+``OTEL_RESOURCE_ATTRIBUTES``. Without an exporter configured, spans still go to a
+bounded ring so the built-in trace page works with no extra software.
+``OTEL_SDK_DISABLED=true`` turns tracing off: no provider is installed and every
+span is the API's no-op.
+
+Spans are per task, never per message: the session span carries message and byte
+counts and the decode/encode time accumulated over the whole session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+
+class SpanRing(SpanProcessor):
+    """The most recent ended spans, bounded; read by the trace page."""
+
+    def __init__(self, capacity: int) -> None:
+        self._spans: deque[ReadableSpan] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        with self._lock:
+            self._spans.append(span)
+
+    def snapshot(self) -> list[ReadableSpan]:
+        with self._lock:
+            return list(self._spans)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def tracing_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def _otlp_configured() -> bool:
+    return any(
+        os.environ.get(name) for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def exporters_from_env() -> list[SpanExporter]:
+    names = os.environ.get("OTEL_TRACES_EXPORTER") or ("otlp" if _otlp_configured() else "none")
+    exporters: list[SpanExporter] = []
+    for name in (n.strip().lower() for n in names.split(",") if n.strip()):
+        if name == "otlp":
+            protocol = (
+                os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf"
+            )
+            if protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            elif protocol == "http/protobuf":
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+                    OTLPSpanExporter,
+                )
+            else:
+                raise ValueError(f"unsupported OTLP protocol {protocol!r} (use http/protobuf or grpc)")
+            exporters.append(OTLPSpanExporter())
+        elif name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name != "none":
+            raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {name!r} (use otlp, console or none)")
+    return exporters
+
+
+class Tracing:
+    """What the daemon installed: a provider (None when disabled) and the ring."""
+
+    def __init__(self, provider: TracerProvider | None, ring: SpanRing | None) -> None:
+        self.provider = provider
+        self.ring = ring
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider is not None
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def setup_tracing(ring_capacity: int, exporters: Sequence[SpanExporter] | None = None) -> Tracing:
+    if tracing_disabled():
+        log.info("tracing disabled (OTEL_SDK_DISABLED=true)")
+        return Tracing(None, None)
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "plugin-daemon"})
+    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    ring = SpanRing(ring_capacity) if ring_capacity > 0 else None
+    if ring is not None:
+        provider.add_span_processor(ring)
+    for exporter in exporters_from_env() if exporters is None else exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        log.info("exporting spans with %s", type(exporter).__name__)
+    trace.set_tracer_provider(provider)
+    return Tracing(provider, ring)
+
+
+def _untraced(path: str) -> bool:
+    """Scrapes, health checks and the debug pages would only crowd out the traces that matter."""
+    return path in ("/metrics", "/health/check") or path.startswith("/debug/")
+
+
+class TracingMiddleware:
+    """A server span per HTTP request, named by route template, parented by ``traceparent``.
+
+    The span stays open until the response is complete, so for an event stream it
+    covers the whole relay and the ``plugin.session`` span nests inside it.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Mapping[Callable[..., Any], str]) -> None:
+        self.app = app
+        self.routes = routes
+        self.tracer = trace.get_tracer(__name__)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _untraced(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method = scope["method"]
+        status = 0
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with self.tracer.start_as_current_span(
+            f"{method} {scope['path']}", context=propagate.extract(headers), kind=SpanKind.SERVER
+        ) as span:
+            try:
+                await self.app(scope, receive, send_and_watch)
+            finally:
+                route = self.routes.get(scope.get("endpoint"))  # type: ignore[arg-type]
+                span.update_name(f"{method} {route or scope['path']}")
+                if span.is_recording():
+                    attributes: dict[str, Any] = {
+                        "http.request.method": method,
+                        "url.path": scope["path"],
+                        "http.response.status_code": status,
+                    }
+                    if route:
+                        attributes["http.route"] = route
+                    tenant = (scope.get("path_params") or {}).get("tenant_id")
+                    if tenant:
+                        attributes["tenant.id"] = tenant
+                    if "x-plugin-id" in headers:
+                        attributes["plugin.id"] = headers["x-plugin-id"]
+                    span.set_attributes(attributes)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))

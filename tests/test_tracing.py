@@ -1,0 +1,221 @@
+"""Traces over the wire: spans exported with OTLP (HTTP and gRPC) to receivers that decode the protobuf."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from daemon.testing import Daemon
+from tests.test_runtime import FP, wait_for
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+INVOKE_ROUTE = "POST /plugin/{tenant_id}/dispatch/tool/invoke"
+
+
+class Receiver:
+    """An OTLP/HTTP traces endpoint on loopback that keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.requests = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                receiver.add(request, self.path, self.headers.get("Content-Type", ""))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, request: ExportTraceServiceRequest, path: str, content_type: str) -> None:
+        assert path == "/v1/traces" and content_type == "application/x-protobuf"
+        self.keep(request)
+
+    def keep(self, request: ExportTraceServiceRequest) -> None:
+        self.requests += 1
+        for resource_spans in request.resource_spans:
+            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(
+                        {
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent": span.parent_span_id.hex(),
+                            "attributes": {a.key: _value(a.value) for a in span.attributes},
+                            "status": span.status.code,
+                            "resource": resource,
+                        }
+                    )
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [s for s in self.spans if s["name"] == name]
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def traced_daemon(start: Callable[..., Daemon], plugins: Path, receiver: Receiver, **env: Any) -> Daemon:
+    daemon = start(
+        plugins,
+        otel_exporter_otlp_endpoint=receiver.url,
+        otel_bsp_schedule_delay=50,
+        otel_service_name="daemon-under-test",
+        **env,
+    )
+    daemon.wait_ready(FP)
+    return daemon
+
+
+@pytest.mark.parametrize("validator", ["owner", "lock"])
+def test_spans_reach_a_collector_with_names_parentage_and_attributes(
+    receiver: Receiver, start: Callable[..., Daemon], fastproto: Callable[..., Path], validator: str
+) -> None:
+    daemon = traced_daemon(start, fastproto(), receiver, validator=validator)
+    params = {"count": 3, "variables": 4, "storage_key": "k", "echo_context": True}
+    request = daemon.invocation(FP, "emit", params)
+    request["headers"]["traceparent"] = TRACEPARENT
+    r = httpx.post(daemon.invoke_url(), **request, timeout=60)
+    assert r.status_code == 200
+    wait_for(lambda: receiver.named("plugin.session") and receiver.named(INVOKE_ROUTE))
+
+    (http,) = receiver.named(INVOKE_ROUTE)
+    assert http["trace_id"] == TRACE_ID and http["parent"] == CALLER_SPAN
+    assert http["attributes"]["http.route"] == "/plugin/{tenant_id}/dispatch/tool/invoke"
+    assert http["attributes"]["tenant.id"] == "t1"
+    assert http["attributes"]["plugin.id"] == FP
+    assert http["attributes"]["http.response.status_code"] == 200
+    assert http["resource"]["service.name"] == "daemon-under-test"
+
+    (session,) = receiver.named("plugin.session")
+    assert session["parent"] == http["span_id"] and session["trace_id"] == TRACE_ID
+    attrs = session["attributes"]
+    assert attrs["plugin.tool"] == "emit" and attrs["validation.design"] == validator
+    assert attrs["plugin.messages_in"] == attrs["plugin.messages_out"] == 2 + 3 + 4 + 1
+    assert attrs["plugin.bytes_in"] > 0 and attrs["plugin.bytes_out"] > 0
+    assert attrs["plugin.decode_seconds"] > 0 and attrs["plugin.encode_seconds"] > 0
+    assert attrs["plugin.outcome"] == "success" or validator == "lock"
+    assert "plugin.time_to_first_event_seconds" in attrs
+
+    (validate,) = receiver.named("output.validate")  # exactly once, under the session span
+    assert validate["parent"] == session["span_id"]
+    assert validate["attributes"]["validation.design"] == validator
+    if validator == "owner":
+        assert validate["attributes"]["validation.verdict"] == "pass"
+        assert validate["attributes"]["validation.variables"] == 5
+
+    backwards = receiver.named("plugin.backwards")
+    assert [b["attributes"]["backwards.operation"] for b in backwards] == ["set", "get"]
+    assert all(b["parent"] == session["span_id"] for b in backwards)
+
+    spawn = receiver.named("plugin.spawn")
+    assert spawn and spawn[0]["attributes"]["plugin.outcome"] == "ready"
+
+    # The plugin received the session span as its parent, in the envelope's context.
+    echoed = next(e for e in r.text.split("\n\n") if '"json_object":{"traceparent"' in e)
+    assert f"00-{TRACE_ID}-{session['span_id']}-01" in echoed
+
+
+def test_spans_reach_a_grpc_collector_when_the_protocol_says_grpc(
+    receiver: Receiver, start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: ExportTraceServiceRequest, context: Any) -> Any:
+            receiver.keep(request)
+            return ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        daemon = start(
+            fastproto(),
+            otel_exporter_otlp_endpoint=f"http://127.0.0.1:{port}",
+            otel_exporter_otlp_protocol="grpc",
+            otel_exporter_otlp_insecure="true",
+            otel_bsp_schedule_delay=50,
+        )
+        daemon.wait_ready(FP)
+        assert daemon.invoke(FP, "emit")[-1].ok
+        wait_for(lambda: receiver.named("plugin.session"))
+        (session,) = receiver.named("plugin.session")
+        (http,) = receiver.named(INVOKE_ROUTE)
+        assert session["parent"] == http["span_id"]
+        daemon.stop()
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_failed_session_is_an_error_span(
+    receiver: Receiver, start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = traced_daemon(start, fastproto(), receiver)
+    daemon.invoke(FP, "emit", {"count": 1, "violate": True})
+    wait_for(lambda: receiver.named("output.validate") and receiver.named("plugin.session"))
+    (session,) = receiver.named("plugin.session")
+    assert session["attributes"]["plugin.outcome"] == "validation_failed"
+    assert session["status"] == 2  # STATUS_CODE_ERROR
+    (validate,) = receiver.named("output.validate")
+    assert validate["attributes"]["validation.verdict"] == "fail"
+    assert "'not-a-bool' is not of type 'boolean'" in validate["attributes"]["validation.error"]
+
+
+def test_sampling_follows_otel_traces_sampler(
+    receiver: Receiver, start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = traced_daemon(start, fastproto(), receiver, otel_traces_sampler="always_off")
+    for _ in range(3):
+        assert daemon.invoke(FP, "emit")[-1].ok
+    daemon.stop()  # flushes the exporter
+    assert receiver.named("plugin.session") == []
+
+
+def test_tracing_off_removes_spans_and_the_trace_page(
+    receiver: Receiver, start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = traced_daemon(start, fastproto(), receiver, otel_sdk_disabled="true")
+    events = daemon.invoke(FP, "emit", {"echo_context": True})
+    assert events[0].message["message"]["json_object"] == {}  # no trace context sent to the plugin
+    r = httpx.get(f"{daemon.url}/debug/traces")
+    assert r.status_code == 404 and "tracing is disabled" in r.json()["message"]
+    daemon.stop()
+    assert receiver.spans == []
