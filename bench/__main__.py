@@ -78,6 +78,7 @@ def run_micro(run: Path, ci: bool) -> bool:
 def run_profiles(run: Path, ci: bool, seconds: float, workdir: Path) -> dict[str, Any]:
     """py-spy on each server under steady load, per message size; samples attributed by category."""
     targets = [daemon_variant(f"daemon {d}", validator=d) for d in ("none", "unsafe", "lock", "owner")]
+    targets.append(daemon_variant("daemon owner traced", validator="owner", tracing=True))
     targets.append(RELAY_JSON)
     sizes = SIZES
     if ci:

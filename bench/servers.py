@@ -57,6 +57,12 @@ def daemon_variant(
     return Variant(name, "daemon", settings)
 
 
+def source_variant(name: str, revision: str, **options: Any) -> Variant:
+    """The daemon as it was at ``revision`` (a git commit), e.g. before tracing existed."""
+    variant = daemon_variant(name, **options)
+    return Variant(name, "daemon", variant.settings | {"source_revision": revision})
+
+
 def relay_variant(name: str, *, codec: str, coalesce: bool) -> Variant:
     return Variant(name, "relay", {"codec": codec, "coalesce": str(coalesce).lower()})
 
@@ -79,8 +85,13 @@ class Server:
         plugins.mkdir()
         plugin_dir = copy_plugin("fastproto", plugins)
         if self.variant.kind == "daemon":
+            settings = dict(self.variant.settings)
+            source = REPO
+            revision = settings.pop("source_revision", None)
+            if revision is not None:
+                source = export_revision(revision, self.workdir / "source")
             self._daemon = start_daemon(
-                plugins, self.workdir / "state", self.workdir / "server.log", **self.variant.settings
+                plugins, self.workdir / "state", self.workdir / "server.log", source=source, **settings
             )
             self._daemon.wait_ready(PLUGIN_ID)
             self.pid = self._daemon.proc.pid
@@ -134,6 +145,21 @@ class Server:
             except subprocess.TimeoutExpired:
                 self._relay.kill()
                 self._relay.wait()
+
+
+def export_revision(revision: str, dest: Path) -> Path:
+    """The daemon package at ``revision``, unpacked into ``dest`` (``git archive``: no checkout)."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", revision, "daemon"], cwd=REPO, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def revision_available(revision: str) -> bool:
+    done = subprocess.run(["git", "cat-file", "-e", f"{revision}^{{commit}}"], cwd=REPO, capture_output=True)
+    return done.returncode == 0
 
 
 def prepare_environment() -> dict[str, Any]:

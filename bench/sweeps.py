@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import Workload, trial
-from bench.servers import Server, Variant, daemon_variant, relay_variant
+from bench.servers import (
+    Server,
+    Variant,
+    daemon_variant,
+    relay_variant,
+    revision_available,
+    source_variant,
+)
 
+# The last commit of this branch before tracing and metrics were merged in: the
+# "no observability code" baseline of the tracing sweep.
+PRE_OBSERVABILITY = "c25339c"
 SIZES = {"16B": 16, "1KiB": 1024, "16KiB": 16 * 1024, "64KiB": 64 * 1024}
 
 
@@ -89,10 +99,13 @@ def sweeps(ci: bool) -> list[Sweep]:
         fresh_per_point=True,
         ratios=[("cpu_us_per_event", "daemon orjson owner", "relay orjson+coalesce")],
     )
+    tracing_variants = [daemon_variant("tracing off"), daemon_variant("tracing on", tracing=True)]
+    if not ci and revision_available(PRE_OBSERVABILITY):
+        tracing_variants.insert(0, source_variant("no observability code", PRE_OBSERVABILITY))
     tracing = Sweep(
         "tracing",
         "Tracing off (OTEL_SDK_DISABLED=true) vs on (100% sampling), daemon orjson owner",
-        [daemon_variant("tracing off"), daemon_variant("tracing on", tracing=True)],
+        tracing_variants,
         {
             "2 events/invocation": Workload(size=16, count=1, variables=0),
             "21 events/invocation": Workload(size=16),
@@ -100,6 +113,11 @@ def sweeps(ci: bool) -> list[Sweep]:
         ratios=[
             ("invocations_per_s", "tracing on", "tracing off"),
             ("cpu_us_per_event", "tracing on", "tracing off"),
+        ]
+        + [
+            (metric, "tracing off", "no observability code")
+            for metric in ("invocations_per_s", "cpu_us_per_event")
+            if len(tracing_variants) == 3
         ],
     )
     if ci:

@@ -193,7 +193,10 @@ def alive(pids: set[int]) -> list[int]:
     return out
 
 
-def start_daemon(plugins_dir: Path, state_dir: Path, log_path: Path, **env: Any) -> Daemon:
+def start_daemon(
+    plugins_dir: Path, state_dir: Path, log_path: Path, *, source: Path = REPO, **env: Any
+) -> Daemon:
+    """Start ``python -m daemon serve`` from ``source`` (another checkout's code, for benchmarks)."""
     port = free_port()
     key = "test-key-" + os.urandom(6).hex()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SERVER_", "PLUGIN_"))}
@@ -209,7 +212,7 @@ def start_daemon(plugins_dir: Path, state_dir: Path, log_path: Path, **env: Any)
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "serve"],
-        cwd=REPO,
+        cwd=source,
         env=environ,
         stdout=log_file,
         stderr=subprocess.STDOUT,
