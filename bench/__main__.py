@@ -97,16 +97,21 @@ def run_profiles(run: Path, ci: bool, seconds: float, workdir: Path) -> dict[str
                 load.start()
                 time.sleep(1.0)  # steady state first
                 base = out / f"{variant.name.replace(' ', '-')}-{label}"
-                files = profile.record(server.pid, base, seconds)
+                recorded = profile.record(server.pid, base, seconds)
                 load.join()
-                counts = profile.attribute(files["speedscope"])
+                cpu = profile.attribute(recorded["files"]["speedscope"], recorded["thread_cpu"])
                 by_size[label][variant.name] = {
-                    "samples": sum(counts.values()),
-                    "counts": dict(counts),
-                    "shares": profile.shares(counts),
-                    "files": {k: str(v.relative_to(run)) for k, v in files.items()},
+                    "cpu_s": sum(cpu.values()),
+                    "samples": sum(profile.attribute(recorded["files"]["speedscope"]).values()),
+                    "cpu_by_category": dict(cpu),
+                    "shares": profile.shares(cpu),
+                    "thread_cpu": {str(k): v for k, v in recorded["thread_cpu"].items()},
+                    "files": {k: str(v.relative_to(run)) for k, v in recorded["files"].items()},
                 }
-                print(f"  profile {variant.name:<16} {label:<6} {sum(counts.values())} samples", flush=True)
+                print(
+                    f"  profile {variant.name:<20} {label:<6} {sum(cpu.values()):.2f} CPU s attributed",
+                    flush=True,
+                )
         finally:
             server.stop()
     return {"seconds": seconds, "by_size": by_size}
@@ -182,8 +187,12 @@ def main() -> None:
         print(f"BROKEN: {problem}")
     for failure in failures:
         print(f"REGRESSION: {failure}")
+    trials = sum(len(s["trials"]) for s in results["sweeps"])
+    checks = 1 + trials + len(lines)  # the micro-benchmark suite, every trial, every ratio check
+    failed = len(problems) + len(failures)
     print(f"done in {results['meta']['seconds']} s")
-    sys.exit(1 if problems or failures else 0)
+    print(f"bench: {checks - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.profile import CATEGORIES, SERIALIZATION
+from bench.profile import CATEGORIES, SERIALIZATION, attribute, shares
 
 MiB = 1024 * 1024
 COLUMNS = [
@@ -153,21 +153,50 @@ def plot_attribution(profiles: dict[str, Any], out: Path) -> list[Path]:
             serialization = sum(targets[n]["shares"][c] for c in SERIALIZATION) * 100
             ax.text(i, 101, f"ser. {serialization:.0f}%", ha="center", fontsize=8)
         ax.set_ylim(0, 108)
-        ax.set_ylabel("% of busy samples")
+        ax.set_ylabel("% of the server's CPU")
         ax.set_title(f"Where the server's CPU goes, {size} text messages (py-spy --nonblocking)")
         ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
         paths.append(_save(fig, out / f"attribution-{size}.png"))
     return paths
 
 
+def reattribute(run: Path, profiles: dict[str, Any]) -> None:
+    """Recount from the recordings, so the tables always follow the current rules."""
+    for targets in profiles["by_size"].values():
+        for target in targets.values():
+            recording = run / target["files"]["speedscope"]
+            if recording.exists() and "thread_cpu" in target:
+                thread_cpu = {int(k): v for k, v in target["thread_cpu"].items()}
+                cpu = attribute(recording, thread_cpu)
+                target.update(cpu_s=sum(cpu.values()), cpu_by_category=dict(cpu), shares=shares(cpu))
+
+
 def attribution_table(profiles: dict[str, Any]) -> str:
-    head = "| size | server | samples | " + " | ".join(CATEGORIES) + " | serialization |"
-    lines = [head, "|" + " --- |" * (len(CATEGORIES) + 4)]
+    head = "| size | server | CPU s | samples | " + " | ".join(CATEGORIES) + " | serialization |"
+    lines = [head, "|" + " --- |" * (len(CATEGORIES) + 5)]
     for size, targets in profiles["by_size"].items():
         for name, t in targets.items():
             cells = " | ".join(f"{t['shares'][c] * 100:.1f}" for c in CATEGORIES)
             serialization = sum(t["shares"][c] for c in SERIALIZATION) * 100
-            lines.append(f"| {size} | {name} | {t['samples']} | {cells} | **{serialization:.1f}** |")
+            head_cells = f"| {size} | {name} | {t.get('cpu_s', 0):.2f} | {t['samples']} |"
+            lines.append(f"{head_cells} {cells} | **{serialization:.1f}** |")
+    return "\n".join(lines) + "\n"
+
+
+def micro_table(micro: dict[str, Any]) -> str:
+    """Medians per benchmark, with each group's fastest as 1.0 (pytest-benchmark's own numbers)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for bench in micro["benchmarks"]:
+        groups.setdefault(bench["group"] or "", []).append(bench)
+    lines = ["| group | benchmark | median µs | vs fastest | rounds |", "| --- | --- | ---: | ---: | ---: |"]
+    for group, benches in sorted(groups.items()):
+        fastest = min(b["stats"]["median"] for b in benches)
+        for b in sorted(benches, key=lambda b: b["stats"]["median"]):
+            median = b["stats"]["median"]
+            lines.append(
+                f"| {group} | `{b['name']}` | {median * 1e6:,.2f} | {median / fastest:.2f} | "
+                f"{b['stats']['rounds']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -176,12 +205,19 @@ def write(run: Path) -> Path:
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     parts = [f"# Benchmark run {run.name}", "", f"Machine: {results['meta']['machine']}", ""]
+    if (run / "micro.json").exists():
+        parts += [
+            "### micro-benchmarks (pytest-benchmark)",
+            "",
+            micro_table(json.loads((run / "micro.json").read_text())),
+        ]
     for sweep in results.get("sweeps", []):
         plot_sweep(sweep, plots)
         parts.append(sweep_tables(sweep))
     if results.get("profiles"):
+        reattribute(run, results["profiles"])
         plot_attribution(results["profiles"], plots)
-        parts += ["### CPU attribution (% of busy samples)", "", attribution_table(results["profiles"])]
+        parts += ["### CPU attribution (% of the server's CPU)", "", attribution_table(results["profiles"])]
     path = run / "summary.md"
     path.write_text("\n".join(parts))
     return path
