@@ -9,6 +9,7 @@ more than ``max(1.5, 1 + 4 * spread)``: far outside the noise of this very run.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ CHECKS: list[tuple[str, str, str, str, bool]] = [
     ("relay", "cpu_us_per_event", "daemon json none", "relay json", False),
     ("relay", "cpu_us_per_event", "daemon orjson owner", "daemon orjson none", False),
     ("validator", "cpu_us_per_event", "owner", "none", False),
-    ("validator", "cpu_us_per_event", "lock", "owner", False),
     ("tracing", "cpu_us_per_event", "tracing on", "tracing off", False),
 ]
 
@@ -82,3 +82,23 @@ def reference_from(results: dict[str, Any]) -> dict[str, float]:
 
 def load_reference() -> dict[str, float]:
     return json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path, help="a run directory with results.json")
+    parser.add_argument("--write-reference", action="store_true", help="store its ratios as CI's reference")
+    args = parser.parse_args()
+    results = json.loads((args.run / "results.json").read_text())
+    if args.write_reference:
+        REFERENCE.write_text(json.dumps(reference_from(results), indent=1, sort_keys=True) + "\n")
+        print(f"reference ratios written to {REFERENCE}")
+    lines, failures = evaluate(results, load_reference())
+    print("\n".join(lines))
+    raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

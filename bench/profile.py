@@ -133,9 +133,12 @@ _DAEMON_MODULES = {
     "invocation.py": "other",
     "runtime.py": "other",
     "telemetry.py": "telemetry",
+    "tracing.py": "telemetry",
+    "metrics.py": "telemetry",
 }
 _LIBRARIES = (
     ("opentelemetry", "telemetry"),
+    ("prometheus_client", "telemetry"),
     ("/json/decoder.py", "JSON decode"),
     ("/json/encoder.py", "JSON encode"),
     ("jsonschema", "validation"),

@@ -90,19 +90,18 @@ def plot_sweep(sweep: dict[str, Any], out: Path) -> list[Path]:
         medians = sweep["summary"]["medians"]
         points = list(medians)
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for variant in sweep["variants"]:
+        for n, variant in enumerate(sweep["variants"]):
+            color = f"C{n}"
             for ax, metric, label, scale in (
                 (axes[0], "events_per_s", "events/s", 1.0),
                 (axes[1], "ttfe_p99_ms", "TTFE p99 (ms), dashed p50", 1.0),
                 (axes[2], "rss_peak_bytes", "peak RSS (MiB)", 1 / MiB),
             ):
-                ax.plot(
-                    points, [medians[p][variant][metric] * scale for p in points], marker="o", label=variant
-                )
+                values = [medians[p][variant][metric] * scale for p in points]
+                ax.plot(points, values, marker="o", label=variant, color=color)
                 ax.set_title(label)
-            axes[1].plot(
-                points, [medians[p][variant]["ttfe_p50_ms"] for p in points], linestyle="--", marker="."
-            )
+            p50 = [medians[p][variant]["ttfe_p50_ms"] for p in points]
+            axes[1].plot(points, p50, linestyle="--", marker=".", color=color)
         axes[1].set_yscale("log")
         axes[0].legend(fontsize=8)
         for ax in axes:
@@ -153,6 +152,7 @@ def plot_attribution(profiles: dict[str, Any], out: Path) -> list[Path]:
             serialization = sum(targets[n]["shares"][c] for c in SERIALIZATION) * 100
             ax.text(i, 101, f"ser. {serialization:.0f}%", ha="center", fontsize=8)
         ax.set_ylim(0, 108)
+        ax.tick_params(axis="x", labelrotation=15)
         ax.set_ylabel("% of the server's CPU")
         ax.set_title(f"Where the server's CPU goes, {size} text messages (py-spy --nonblocking)")
         ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
