@@ -179,6 +179,20 @@ class Daemon:
         assert r.headers["content-type"].startswith("text/event-stream")
         return parse_sse(r.content)
 
+    def validate_credentials(
+        self, plugin_id: str, credentials: dict[str, Any], *, provider: str | None = None
+    ) -> list[Event]:
+        body = {"user_id": "u1", "data": {"provider": provider or plugin_id.split("/")[1]}}
+        body["data"]["credentials"] = credentials
+        r = httpx.post(
+            f"{self.url}/plugin/t1/dispatch/tool/validate_credentials",
+            headers=self.headers(plugin_id),
+            json=body,
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        return parse_sse(r.content)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
