@@ -166,9 +166,12 @@ def write_report(runs: list[DesignRun], load: Load, out: Path) -> str:
     ]
     for run in runs:
         verdicts = [r for r in _failures(run) if r["Error"].startswith("WrongVerdict(")]
+        verdicts.sort(key=lambda r: -int(r["Occurrences"]))
         if verdicts:
-            parts.append(f"Wrong verdicts of `{run.design}` (the race it is kept to show):")
-            parts += [f"- {r['Occurrences']} x {r['Name']}: {r['Error'][:200]}" for r in verdicts[:6]]
+            parts.append(f"Wrong verdicts of `{run.design}` (the race it is kept to show), most frequent:")
+            parts += [f"- {r['Occurrences']} x {r['Name']}: {r['Error'][:200]}" for r in verdicts[:5]]
+            if len(verdicts) > 5:
+                parts.append(f"- and {len(verdicts) - 5} more kinds")
             parts.append("")
         if run.problems:
             parts.append(f"Problems of `{run.design}`:")
