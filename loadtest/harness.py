@@ -83,7 +83,7 @@ class Monitor(threading.Thread):
 
     def __init__(self, daemon: Daemon, interval: float = 0.5) -> None:
         super().__init__(name="daemon monitor", daemon=True)
-        self.daemon_ = daemon
+        self.target = daemon
         self.interval = interval
         self.samples: list[Sample] = []
         self.children: dict[int, float] = {}
@@ -96,7 +96,7 @@ class Monitor(threading.Thread):
 
     def sample(self) -> None:
         try:
-            proc = psutil.Process(self.daemon_.proc.pid)
+            proc = psutil.Process(self.target.proc.pid)
             with proc.oneshot():
                 rss, fds, threads = proc.memory_info().rss, proc.num_fds(), proc.num_threads()
             for child in proc.children(recursive=True):
@@ -105,7 +105,7 @@ class Monitor(threading.Thread):
         except psutil.Error:
             return
         try:
-            healthy = httpx.get(f"{self.daemon_.url}/health/check", timeout=10).json()["status"] == "ok"
+            healthy = httpx.get(f"{self.target.url}/health/check", timeout=10).json()["status"] == "ok"
         except (httpx.HTTPError, ValueError, KeyError):
             healthy = False
         self.samples.append(Sample(time.monotonic() - self._t0, rss, fds, threads, healthy))

@@ -178,7 +178,7 @@ def write_report(runs: list[DesignRun], load: Load, out: Path) -> str:
             parts += [f"- {p}" for p in run.problems]
             parts.append("")
         counts = ", ".join(f"{k} {v}" for k, v in run.log_counts.items())
-        parts.append(f"`{run.design}` daemon log: {counts}")
+        parts.append(f"`{run.design}` daemon (pid {run.daemon_pid}) log: {counts}")
     parts += ["", "Plots: throughput.png, ttfe.png, failures.png", ""]
     text = "\n".join(parts)
     (out / "report.md").write_text(text)
