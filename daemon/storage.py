@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import os
 import sqlite3
 import threading
 from collections.abc import Mapping
@@ -28,6 +29,10 @@ class Storage:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Every tenant's plugin data: for the daemon's user only (SQLite gives its -wal and
+        # -shm files the database file's mode).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,10 +32,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def copy_plugin(name: str, dest_dir: Path, fault: dict[str, Any] | None = None) -> Path:
-    """A private copy of a bundled plugin (without its venv), optionally with a fault.json."""
-    dest = dest_dir / name
+def copy_plugin(
+    name: str, dest_dir: Path, fault: dict[str, Any] | None = None, *, as_name: str | None = None
+) -> Path:
+    """A private copy of a bundled plugin (without its venv), optionally with a fault.json.
+
+    ``as_name`` renames the copy (the manifest's ``name``, so the plugin id changes): one
+    daemon can then serve a faulty copy beside a healthy one.
+    """
+    dest = dest_dir / (as_name or name)
     shutil.copytree(PLUGINS / name, dest, ignore=shutil.ignore_patterns(".venv", "__pycache__"))
+    if as_name is not None:
+        manifest = dest / "manifest.yaml"
+        text, renamed = re.subn(r"(?m)^name: .*$", f"name: {as_name}", manifest.read_text(), count=1)
+        assert renamed == 1, f"no top-level name in {manifest}"
+        manifest.write_text(text)
     if fault is not None:
         (dest / "fault.json").write_text(json.dumps(fault))
     return dest
@@ -79,6 +91,11 @@ class SSEReader:
         self._buffer += chunk
         *complete, self._buffer = self._buffer.split(b"\n\n")
         return parse_sse(b"\n\n".join(complete) + b"\n\n") if complete else []
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event not yet complete: non-empty at the end of a body means truncation."""
+        return self._buffer
 
 
 @dataclass
@@ -160,6 +177,20 @@ class Daemon:
         )
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("text/event-stream")
+        return parse_sse(r.content)
+
+    def validate_credentials(
+        self, plugin_id: str, credentials: dict[str, Any], *, provider: str | None = None
+    ) -> list[Event]:
+        body = {"user_id": "u1", "data": {"provider": provider or plugin_id.split("/")[1]}}
+        body["data"]["credentials"] = credentials
+        r = httpx.post(
+            f"{self.url}/plugin/t1/dispatch/tool/validate_credentials",
+            headers=self.headers(plugin_id),
+            json=body,
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
         return parse_sse(r.content)
 
     def log(self) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make ./.venv (Python >= 3.11) with the daemon and its test tools installed. Idempotent.
+# Make ./.venv (Python >= 3.11) with the daemon, its test and load-test tools installed. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +26,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   rm -rf .venv
   "$python" -m venv .venv
   .venv/bin/pip install --disable-pip-version-check -q --upgrade pip
-  .venv/bin/pip install --disable-pip-version-check -q -e '.[test,bench]'
+  .venv/bin/pip install --disable-pip-version-check -q -e '.[test,bench,load]'
   echo "$want" > "$stamp"
 fi

@@ -62,3 +62,15 @@ def test_bad_storage_requests_are_refused(services: BackwardsServices, request_:
 def test_other_invocation_types_are_refused_at_once(services: BackwardsServices) -> None:
     with pytest.raises(BackwardsError, match="'model' is not supported by this daemon"):
         asyncio.run(services.handle("t", "p", {"type": "model", "request": {}}))
+
+
+def test_the_database_is_for_the_daemons_user_only_even_if_it_was_not(tmp_path: Path) -> None:
+    """Every tenant's plugin data is in it: no group or other access, WAL files included."""
+    path = tmp_path / "s.sqlite3"
+    path.touch()
+    path.chmod(0o644)  # as an older daemon left it
+    storage = Storage(path)
+    storage.set("t", "p", "k", b"v")
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in tmp_path.iterdir()}
+    storage.close()
+    assert modes == {"s.sqlite3": "0o600", "s.sqlite3-wal": "0o600", "s.sqlite3-shm": "0o600"}

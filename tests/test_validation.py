@@ -7,14 +7,25 @@ the instance's reader thread does, with a consumer that lags behind on purpose.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
 import sys
 import threading
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from daemon.config import ValidatorDesign
-from daemon.errors import VALIDATION_ERROR, SessionError
+from daemon.errors import (
+    CLIENT_GONE,
+    VALIDATION_CRASH,
+    VALIDATION_ERROR,
+    VARIABLE_ERROR,
+    SessionError,
+)
 from daemon.session import Session
 from daemon.validation import (
     DESIGNS,
@@ -23,6 +34,7 @@ from daemon.validation import (
     VariableMessageError,
     apply_variable,
 )
+from tests import strategies
 
 SCHEMA = OutputSchema(
     {
@@ -196,3 +208,133 @@ def test_owner_is_correct_with_many_concurrent_sessions_and_racing_readers() -> 
     finally:
         sys.setswitchinterval(old)
     assert results == [(61, None, 1)] * 64
+
+
+# -- properties: any variable stream, any batching, any race between closers --------------------------
+
+NAMES = st.sampled_from(["done", "streamed", "var_0", "var_12", "other"])
+VALUES = strategies.json_values()
+TEXT = {"type": "text", "message": {"text": "t"}, "meta": None}
+tool_messages = st.one_of(
+    st.builds(variable, NAMES, VALUES),
+    st.builds(variable, NAMES, st.text(max_size=4), st.just(True)),
+    st.builds(variable, NAMES, st.text(max_size=4) | VALUES, st.just(True)),  # sometimes not a string
+    st.just(TEXT),
+)
+
+
+def reference(messages: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The variables a stream must build, and whether every message can be applied at all."""
+    variables: dict[str, Any] = {}
+    for m in messages:
+        if m["type"] != "variable":
+            continue
+        name, value, stream = (
+            m["message"]["variable_name"],
+            m["message"]["variable_value"],
+            m["message"]["stream"],
+        )
+        if not stream:
+            variables[name] = value
+        elif not isinstance(value, str):
+            return variables, False
+        else:
+            current = variables.get(name)
+            variables[name] = (current if isinstance(current, str) else "") + value
+    return variables, True
+
+
+def split(messages: list[Any], cuts: list[int]) -> list[list[Any]]:
+    bounds = sorted({0, len(messages), *(c for c in cuts if c < len(messages))})
+    return [messages[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def run_session(
+    design: ValidatorDesign, batches: list[list[Any]], closers: int = 0
+) -> tuple[Session, list[Any], SessionError | None]:
+    """A real reader thread delivers ``batches`` then ``end`` while the consumer runs; ``closers``
+    more threads close the session as a client that leaves would."""
+
+    async def main() -> tuple[Session, list[Any], SessionError | None]:
+        session = new_session(design)
+
+        def reader() -> None:
+            for batch in batches:
+                session.deliver(batch, 10)
+            session.finish()
+
+        def client_gone() -> None:
+            session.close(SessionError(CLIENT_GONE, "the client disconnected"))
+
+        threads = [threading.Thread(target=reader)]
+        threads += [threading.Thread(target=client_gone) for _ in range(closers)]
+        for thread in threads:
+            thread.start()
+        received: list[Any] = []
+        error = None
+        try:
+            async for batch in session.batches():
+                received += batch
+        except SessionError as exc:
+            error = exc
+        for thread in threads:
+            thread.join()
+        return session, received, error
+
+    return asyncio.run(main())
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=st.lists(tool_messages, max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8))
+def test_owner_verdict_is_the_schema_over_every_variable_however_the_stream_is_batched(
+    messages: list[dict[str, Any]], cuts: list[int]
+) -> None:
+    session, received, error = run_session(ValidatorDesign.OWNER, split(messages, cuts))
+    expected, applicable = reference(messages)
+    if not applicable:
+        assert error is not None and error.error_type == VARIABLE_ERROR
+        assert "is not a string" in error.message
+        assert received == messages[: len(received)]
+        return
+    assert received == messages
+    assert session.variables is not None
+    assert session.variables.validations == 1
+    assert session.variables.validated_count == len(expected)
+    verdict = SCHEMA.check(expected)
+    if verdict is None:
+        assert error is None
+    else:
+        assert error is not None and (error.error_type, error.message) == (VALIDATION_ERROR, verdict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(tool_messages, max_size=30),
+    design=st.sampled_from(list(ValidatorDesign)),
+    closers=st.integers(0, 2),
+)
+def test_every_design_ends_each_session_with_a_reported_outcome_under_racing_closers(
+    messages: list[dict[str, Any]], design: ValidatorDesign, closers: int
+) -> None:
+    """Whoever closes first, the consumer gets its messages in order, then at most one error event;
+    the lock validates at most once; nothing but a :class:`SessionError` ever escapes."""
+    session, received, error = run_session(design, [[m] for m in messages], closers)
+    assert received == messages[: len(received)]
+    reported = {VALIDATION_ERROR, VALIDATION_CRASH, VARIABLE_ERROR, CLIENT_GONE}
+    assert error is None or error.error_type in reported
+    assert session.variables is not None
+    if design is not ValidatorDesign.UNSAFE:
+        assert session.variables.validations <= 1
+    if closers == 0 and error is None:
+        assert received == messages
+
+
+@settings(max_examples=500, deadline=None)
+@given(variables=st.dictionaries(NAMES | st.text(max_size=6), VALUES, max_size=8))
+def test_the_verdict_is_none_exactly_when_the_schema_holds_and_else_names_a_rule(
+    variables: dict[str, Any],
+) -> None:
+    verdict = SCHEMA.check(variables)
+    assert (verdict is None) == Draft202012Validator(SCHEMA.schema).is_valid(variables)
+    if verdict is not None:
+        assert re.match(r"output variables? .*failed '\w+': ", verdict), verdict
