@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import html
 import logging
@@ -254,6 +255,9 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await daemon.start()
+        # Everything alive now (modules, the app, settings) lives as long as the daemon; frozen,
+        # the garbage collector's full passes skip it and only walk what requests leave behind.
+        gc.freeze()
         try:
             yield
         finally:

@@ -14,8 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlencode
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import StatusCode
+from daemon.tracing import KeptSpan
 
 BUCKETS = [
     (0.001, "<1ms"),
@@ -45,18 +44,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def _duration(span: ReadableSpan) -> float:
-    return ((span.end_time or 0) - (span.start_time or 0)) / 1e9
-
-
-def _failed(span: ReadableSpan) -> bool:
-    return span.status.status_code is StatusCode.ERROR
-
-
-def _trace_id(span: ReadableSpan) -> str:
-    return format(span.context.trace_id, "032x") if span.context else ""
-
-
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return 0.0
@@ -75,29 +62,29 @@ def _link(text: str, **query: str) -> str:
     return f"<a href='?{html.escape(urlencode(query))}'>{html.escape(text)}</a>"
 
 
-def _span_rows(spans: Iterable[ReadableSpan]) -> str:
+def _span_rows(spans: Iterable[KeptSpan]) -> str:
     rows = []
     for span in spans:
-        started = time.strftime("%H:%M:%S", time.localtime((span.start_time or 0) / 1e9))
-        status = "<span class='err'>error</span>" if _failed(span) else "ok"
+        started = time.strftime("%H:%M:%S", time.localtime(span.start_ns / 1e9))
+        status = "<span class='err'>error</span>" if span.failed else "ok"
         rows.append(
-            f"<tr><td>{started}</td><td class='num'>{_ms(_duration(span))}</td><td>{status}</td>"
+            f"<tr><td>{started}</td><td class='num'>{_ms(span.duration)}</td><td>{status}</td>"
             f"<td>{html.escape(span.name)}</td>"
-            f"<td>{_link(_trace_id(span)[:16], trace=_trace_id(span))}</td></tr>"
+            f"<td>{_link(span.trace_id[:16], trace=span.trace_id)}</td></tr>"
         )
     header = "<tr><th>started</th><th>duration</th><th>status</th><th>span</th><th>trace</th></tr>"
     return f"<table>{header}{''.join(rows)}</table>" if rows else "<p class='sub'>none</p>"
 
 
-def render_index(spans: Sequence[ReadableSpan], capacity: int) -> str:
-    by_name: dict[str, list[ReadableSpan]] = defaultdict(list)
+def render_index(spans: Sequence[KeptSpan], capacity: int) -> str:
+    by_name: dict[str, list[KeptSpan]] = defaultdict(list)
     for span in spans:
         by_name[span.name].append(span)
     rows = []
     for name in sorted(by_name):
         group = by_name[name]
-        durations = sorted(_duration(s) for s in group)
-        errors = sum(_failed(s) for s in group)
+        durations = sorted(s.duration for s in group)
+        errors = sum(s.failed for s in group)
         counts = [0] * len(BUCKETS)
         for d in durations:
             counts[next(i for i, (limit, _) in enumerate(BUCKETS) if d < limit)] += 1
@@ -121,8 +108,8 @@ def render_index(spans: Sequence[ReadableSpan], capacity: int) -> str:
         "<th>latency (&lt;1ms … ≥10s)</th><th></th></tr>"
     )
     table = f"<table>{header}{''.join(rows)}</table>" if rows else "<p class='sub'>no spans yet</p>"
-    roots = [s for s in spans if s.parent is None or s.parent.is_remote]
-    recent = sorted(roots, key=lambda s: s.start_time or 0, reverse=True)[:20]
+    roots = [s for s in spans if s.is_root]
+    recent = sorted(roots, key=lambda s: s.start_ns, reverse=True)[:20]
     body = (
         "<h1>Traces</h1>"
         f"<p class='sub'>{len(spans)} most recent spans kept in memory (ring of {capacity}).</p>"
@@ -131,14 +118,14 @@ def render_index(spans: Sequence[ReadableSpan], capacity: int) -> str:
     return _page("Traces", body)
 
 
-def render_list(spans: Sequence[ReadableSpan], name: str, view: str) -> str:
+def render_list(spans: Sequence[KeptSpan], name: str, view: str) -> str:
     chosen = [s for s in spans if s.name == name]
     if view == "slowest":
-        chosen.sort(key=_duration, reverse=True)
+        chosen.sort(key=lambda s: s.duration, reverse=True)
     else:
         if view == "errors":
-            chosen = [s for s in chosen if _failed(s)]
-        chosen.sort(key=lambda s: s.start_time or 0, reverse=True)
+            chosen = [s for s in chosen if s.failed]
+        chosen.sort(key=lambda s: s.start_ns, reverse=True)
     body = (
         f"<p>{_link('← all spans')}</p><h1>{html.escape(name)}</h1>"
         f"<p class='sub'>{html.escape(view)}</p>{_span_rows(chosen[:LIST_LIMIT])}"
@@ -146,37 +133,35 @@ def render_list(spans: Sequence[ReadableSpan], name: str, view: str) -> str:
     return _page(f"{name} ({view})", body)
 
 
-def render_trace(spans: Sequence[ReadableSpan], trace_id: str) -> str:
-    members = [s for s in spans if _trace_id(s) == trace_id]
+def render_trace(spans: Sequence[KeptSpan], trace_id: str) -> str:
+    members = [s for s in spans if s.trace_id == trace_id]
     if not members:
         body = f"<p>{_link('← all spans')}</p><h1>Trace {html.escape(trace_id)}</h1><p>not in the ring</p>"
         return _page("Trace not found", body)
-    by_id = {s.context.span_id: s for s in members if s.context}
-    children: dict[int | None, list[ReadableSpan]] = defaultdict(list)
+    by_id = {s.span_id: s for s in members}
+    children: dict[int | None, list[KeptSpan]] = defaultdict(list)
     for span in members:
-        parent = span.parent.span_id if span.parent is not None else None
-        children[parent if parent in by_id else None].append(span)
-    start = min(s.start_time or 0 for s in members)
-    end = max(s.end_time or 0 for s in members)
+        children[span.parent_id if span.parent_id in by_id else None].append(span)
+    start = min(s.start_ns for s in members)
+    end = max(s.end_ns for s in members)
     total = max(end - start, 1)
     rows: list[str] = []
 
     def walk(parent: int | None, depth: int) -> None:
-        for span in sorted(children.get(parent, []), key=lambda s: s.start_time or 0):
-            left = 100 * ((span.start_time or 0) - start) / total
-            width = max(0.3, 100 * ((span.end_time or 0) - (span.start_time or 0)) / total)
-            css = "bar error" if _failed(span) else "bar"
-            attrs = ", ".join(f"{k}={v}" for k, v in sorted((span.attributes or {}).items()))
-            if span.status.description:
-                attrs = f"status: {span.status.description}; " + attrs
+        for span in sorted(children.get(parent, []), key=lambda s: s.start_ns):
+            left = 100 * (span.start_ns - start) / total
+            width = max(0.3, 100 * (span.end_ns - span.start_ns) / total)
+            css = "bar error" if span.failed else "bar"
+            attrs = ", ".join(f"{k}={v}" for k, v in span.attributes)
+            if span.status:
+                attrs = f"status: {span.status}; " + attrs
             rows.append(
                 f"<tr><td style='padding-left:{10 + 18 * depth}px'>{html.escape(span.name)}</td>"
-                f"<td class='num'>{_ms(_duration(span))}</td>"
+                f"<td class='num'>{_ms(span.duration)}</td>"
                 f"<td><div class='wf'><div class='{css}' style='left:{left:.2f}%;width:{width:.2f}%'></div>"
                 f"</div><div class='attrs'>{html.escape(attrs)}</div></td></tr>"
             )
-            if span.context:
-                walk(span.context.span_id, depth + 1)
+            walk(span.span_id, depth + 1)
 
     walk(None, 0)
     header = "<tr><th>span</th><th>duration</th><th>timeline</th></tr>"

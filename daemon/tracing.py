@@ -20,7 +20,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -32,20 +32,66 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 
+class KeptSpan(NamedTuple):
+    """An ended span as the trace page needs it, made of plain values."""
+
+    name: str
+    trace_id: str  # 32 hex digits
+    span_id: int
+    parent_id: int | None
+    is_root: bool  # no parent, or a parent in another process
+    start_ns: int
+    end_ns: int
+    failed: bool
+    status: str  # the status description, "" when none
+    attributes: tuple[tuple[str, Any], ...]  # sorted by key
+
+    @property
+    def duration(self) -> float:
+        """Seconds."""
+        return (self.end_ns - self.start_ns) / 1e9
+
+
+def _plain(span: ReadableSpan) -> tuple[Any, ...]:
+    """The fields of a :class:`KeptSpan`, in a bare tuple of strings and numbers."""
+    context, parent = span.context, span.parent
+    return (
+        span.name,
+        format(context.trace_id, "032x") if context else "",
+        context.span_id if context else 0,
+        parent.span_id if parent else None,
+        parent is None or parent.is_remote,
+        span.start_time or 0,
+        span.end_time or 0,
+        span.status.status_code is StatusCode.ERROR,
+        span.status.description or "",
+        tuple(sorted((span.attributes or {}).items())),
+    )
+
+
 class SpanRing(SpanProcessor):
-    """The most recent ended spans, bounded; read by the trace page."""
+    """The most recent ended spans, bounded; read by the trace page.
+
+    Spans are kept as bare tuples of strings and numbers, which the cyclic garbage
+    collector stops tracking. A ``ReadableSpan`` is eleven objects it must walk;
+    twenty thousand of them alive made the daemon's full collections long and
+    frequent: time-to-first-event p99 went from ~25 ms to ~170 ms and tracing cost
+    a third more CPU per event (``python -m bench --sweeps tracing``).
+    """
 
     def __init__(self, capacity: int) -> None:
-        self._spans: deque[ReadableSpan] = deque(maxlen=capacity)
+        self._spans: deque[tuple[Any, ...]] = deque(maxlen=capacity)
         self._lock = threading.Lock()
 
     def on_end(self, span: ReadableSpan) -> None:
+        kept = _plain(span)
         with self._lock:
-            self._spans.append(span)
+            self._spans.append(kept)
 
-    def snapshot(self) -> list[ReadableSpan]:
+    def snapshot(self) -> list[KeptSpan]:
         with self._lock:
-            return list(self._spans)
+            kept = list(self._spans)
+        return [KeptSpan._make(fields) for fields in kept]
 
     def shutdown(self) -> None:
         pass
