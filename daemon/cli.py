@@ -86,7 +86,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def server_key(settings: Settings) -> str:
-    """``SERVER_KEY``, else the key in the state directory, else a new one printed once."""
+    """``SERVER_KEY``, else the key in the state directory, else a new one.
+
+    A new key is shown once, and only on a terminal: where stdout is a pipe or a file
+    (systemd's journal, a container log) it would stay readable long after, so there
+    the daemon says where the key is instead.
+    """
     if settings.server_key:
         return settings.server_key
     if not _is_loopback(settings.server_host):
@@ -103,7 +108,13 @@ def server_key(settings: Settings) -> str:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
-    print(f"Generated server key (stored in {path}, mode 0600): {key}", flush=True)
+    if sys.stdout.isatty():
+        print(f"Generated server key (stored in {path}, mode 0600): {key}", flush=True)
+    else:
+        print(
+            f"Generated server key, stored in {path} (mode 0600); not shown: stdout is not a terminal",
+            flush=True,
+        )
     return key
 
 
