@@ -143,6 +143,7 @@ async def _dispatch(request: Request, action: str) -> Response:
         codec=daemon.codec,
         timeout=settings.plugin_max_execution_timeout,
         design=settings.validator.value,
+        traced=daemon.tracing.enabled,
     )
     return invocation.response()  # type: ignore[return-value]
 

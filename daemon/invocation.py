@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from daemon import codec as wire
 from daemon import metrics
@@ -46,6 +46,7 @@ class Invocation:
         codec: Codec,
         timeout: float,
         design: str,
+        traced: bool = True,
     ) -> None:
         self.instance = instance
         self.request = request
@@ -53,6 +54,7 @@ class Invocation:
         self.codec = codec
         self.timeout = timeout
         self.design = design
+        self.traced = traced  # False when tracing is off: no span is made, not even a no-op one
         self.operation = request["data"]["action"]
         self.messages_out = 0
         self.bytes_out = 0
@@ -68,10 +70,20 @@ class Invocation:
         self.session.close(SessionError(CLIENT_GONE, "the client disconnected"))
 
     async def relay(self, send_body: SendBody) -> None:
-        plugin_id = self.instance.spec.id
+        series = metrics.invocation_series(self.instance.spec.id, self.operation)
+        if not self.traced:
+            await self._relay_and_record(send_body, series, INVALID_SPAN)
+            return
+        with _tracer.start_as_current_span("plugin.session", attributes=self._span_attributes()) as span:
+            self.session.attach_trace(trace.set_span_in_context(span))
+            # Hand the trace to the plugin, so an instrumented plugin can continue it.
+            propagate.inject(self.request["context"])
+            await self._relay_and_record(send_body, series, span)
+
+    def _span_attributes(self) -> dict[str, Any]:
         data = self.request["data"]
         attributes = {
-            "plugin.id": plugin_id,
+            "plugin.id": self.instance.spec.id,
             "plugin.instance": self.instance.index,
             "plugin.operation": self.operation,
             "plugin.provider": str(data.get("provider")),
@@ -81,18 +93,18 @@ class Invocation:
         }
         if "tool" in data:
             attributes["plugin.tool"] = str(data["tool"])
-        active = metrics.invocations_active.labels(plugin_id)
+        return attributes
+
+    async def _relay_and_record(
+        self, send_body: SendBody, series: metrics.InvocationSeries, span: Span
+    ) -> None:
         started = time.perf_counter()
-        with _tracer.start_as_current_span("plugin.session", attributes=attributes) as span:
-            self.session.attach_trace(trace.set_span_in_context(span))
-            # Hand the trace to the plugin, so an instrumented plugin can continue it.
-            propagate.inject(self.request["context"])
-            active.inc()
-            try:
-                await self._relay(send_body, started)
-            finally:
-                active.dec()
-                self._record(span, started)
+        series.active.inc()
+        try:
+            await self._relay(send_body, started)
+        finally:
+            series.active.dec()
+            self._record(series, span, started)
 
     async def _relay(self, send_body: SendBody, started: float) -> None:
         session, codec = self.session, self.codec
@@ -127,28 +139,26 @@ class Invocation:
             if not session.closed:
                 session.close()
 
-    def _record(self, span: Span, started: float) -> None:
+    def _record(self, series: metrics.InvocationSeries, span: Span, started: float) -> None:
         """Metrics and span attributes, once per session: never per message."""
         session = self.session
-        plugin_id = self.instance.spec.id
         ended = time.perf_counter()
         outcome = metrics.outcome_label(self.outcome)
         # Exemplars tie a latency bucket to a trace (shown by Grafana, exposed in OpenMetrics).
         exemplar = (
             {"trace_id": format(span.get_span_context().trace_id, "032x")} if span.is_recording() else None
         )
-        metrics.invocations_total.labels(plugin_id, self.operation, outcome).inc()
-        metrics.invocation_duration.labels(plugin_id, self.operation).observe(ended - started, exemplar)
+        series.ended(outcome).inc()
+        series.duration.observe(ended - started, exemplar)
         if self.first_event_at is not None:
-            metrics.time_to_first_event.labels(plugin_id).observe(self.first_event_at - started, exemplar)
-        metrics.messages_relayed.labels(plugin_id).inc(self.messages_out)
-        metrics.bytes_relayed.labels(plugin_id, "in").inc(session.bytes_in)
-        metrics.bytes_relayed.labels(plugin_id, "out").inc(self.bytes_out)
-        metrics.session_buffer_peak.labels(plugin_id).observe(session.stream.peak_bytes)
+            series.time_to_first_event.observe(self.first_event_at - started, exemplar)
+        series.messages.inc(self.messages_out)
+        series.bytes_in.inc(session.bytes_in)
+        series.bytes_out.inc(self.bytes_out)
+        series.buffer_peak.observe(session.stream.peak_bytes)
         _ENCODE_SECONDS.inc(self.encode_seconds)
         if self.outcome in (SLOW_CLIENT, TIMEOUT):
-            reason = "slow_client" if self.outcome == SLOW_CLIENT else "timeout"
-            metrics.session_terminations.labels(plugin_id, reason).inc()
+            series.terminations["slow_client" if self.outcome == SLOW_CLIENT else "timeout"].inc()
         if not span.is_recording():
             return
         span.set_attributes(

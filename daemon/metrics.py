@@ -8,6 +8,7 @@ error types all count as ``plugin_error``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,6 +55,9 @@ OUTCOMES = {
     CLIENT_GONE: "client_gone",
     SHUTDOWN: "shutdown",
 }
+
+
+TERMINATIONS = ("slow_client", "timeout")
 
 
 def outcome_label(outcome: str) -> str:
@@ -145,8 +149,56 @@ def register_plugin(plugin_id: str) -> None:
     messages_relayed.labels(plugin_id)
     for direction in ("in", "out"):
         bytes_relayed.labels(plugin_id, direction)
-    for reason in ("slow_client", "timeout"):
+    for reason in TERMINATIONS:
         session_terminations.labels(plugin_id, reason)
+
+
+class InvocationSeries:
+    """One plugin operation's series, resolved once.
+
+    ``labels()`` takes a lock and checks its values on every call; the
+    per-invocation path uses these children directly instead.
+    """
+
+    def __init__(self, plugin_id: str, operation: str) -> None:
+        self._plugin_id, self._operation = plugin_id, operation
+        self.active = invocations_active.labels(plugin_id)
+        self.duration = invocation_duration.labels(plugin_id, operation)
+        self.time_to_first_event = time_to_first_event.labels(plugin_id)
+        self.messages = messages_relayed.labels(plugin_id)
+        self.bytes_in = bytes_relayed.labels(plugin_id, "in")
+        self.bytes_out = bytes_relayed.labels(plugin_id, "out")
+        self.buffer_peak = session_buffer_peak.labels(plugin_id)
+        self.terminations = {r: session_terminations.labels(plugin_id, r) for r in TERMINATIONS}
+        self._ended: dict[str, Any] = {}
+
+    def ended(self, outcome: str) -> Any:
+        """The ``plugin_invocations_total`` child for ``outcome`` (a label from :func:`outcome_label`)."""
+        child = self._ended.get(outcome)
+        if child is None:
+            child = self._ended[outcome] = invocations_total.labels(self._plugin_id, self._operation, outcome)
+        return child
+
+
+@functools.cache
+def invocation_series(plugin_id: str, operation: str) -> InvocationSeries:
+    """Bounded: plugin ids come from the plugins directory, operations from the routes."""
+    return InvocationSeries(plugin_id, operation)
+
+
+class ValidationSeries:
+    """One validator design's series, resolved once (see :class:`InvocationSeries`)."""
+
+    def __init__(self, design: str) -> None:
+        self.duration = validation_duration.labels(design)
+        self.passed = validations_total.labels(design, "pass")
+        self.failed = validations_total.labels(design, "fail")
+        self.crashed = validations_total.labels(design, "crash")
+
+
+@functools.cache
+def validation_series(design: str) -> ValidationSeries:
+    return ValidationSeries(design)
 
 
 class RuntimeCollector(Collector):

@@ -194,33 +194,42 @@ class OutputVariables:
 
     def _validate(self) -> None:
         # Runs on the consumer's task (owner) or on whichever thread closes (lock,
-        # unsafe), so the span's parent is passed explicitly.
-        design = self.design.value
+        # unsafe), so the span's parent is passed explicitly; with tracing off there
+        # is no parent and no span.
+        if self.trace_context is None:
+            self._check()
+            return
         with _tracer.start_as_current_span("output.validate", context=self.trace_context) as span:
-            started = time.perf_counter()
-            try:
-                # Build the instance by iterating the live map, as upstream did: this
-                # loop is where a concurrent writer raises "dictionary changed size".
-                snapshot = {name: value for name, value in self.variables.items()}
-                self.validations += 1
-                self.validated_count = len(snapshot)
-                self.verdict = self.schema.check(snapshot)
-            except Exception:
-                metrics.validations_total.labels(design, "crash").inc()
-                raise
-            finally:
-                metrics.validation_duration.labels(design).observe(time.perf_counter() - started)
-            metrics.validations_total.labels(design, "pass" if self.verdict is None else "fail").inc()
+            count = self._check()
             if span.is_recording():
                 span.set_attributes(
                     {
-                        "validation.design": design,
-                        "validation.variables": len(snapshot),
+                        "validation.design": self.design.value,
+                        "validation.variables": count,
                         "validation.verdict": "pass" if self.verdict is None else "fail",
                     }
                 )
                 if self.verdict is not None:
                     span.set_attribute("validation.error", self.verdict)
+
+    def _check(self) -> int:
+        """Validate the variables as they are now; returns how many there were."""
+        series = metrics.validation_series(self.design.value)
+        started = time.perf_counter()
+        try:
+            # Build the instance by iterating the live map, as upstream did: this
+            # loop is where a concurrent writer raises "dictionary changed size".
+            snapshot = {name: value for name, value in self.variables.items()}
+            self.validations += 1
+            self.validated_count = len(snapshot)
+            self.verdict = self.schema.check(snapshot)
+        except Exception:
+            series.crashed.inc()
+            raise
+        finally:
+            series.duration.observe(time.perf_counter() - started)
+        (series.passed if self.verdict is None else series.failed).inc()
+        return len(snapshot)
 
 
 class _CloserValidates(OutputVariables):

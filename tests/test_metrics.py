@@ -25,10 +25,12 @@ def scrape(daemon: Daemon, **headers: str) -> dict[str, float]:
     return samples
 
 
+@pytest.mark.parametrize("otel_sdk_disabled", ["false", "true"], ids=["tracing on", "tracing off"])
 def test_metrics_count_what_the_daemon_did(
-    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+    start: Callable[..., Daemon], fastproto: Callable[..., Path], otel_sdk_disabled: str
 ) -> None:
-    daemon = start(fastproto())
+    """With tracing off the daemon takes another path (no spans at all): it counts the same."""
+    daemon = start(fastproto(), otel_sdk_disabled=otel_sdk_disabled)
     daemon.wait_ready(FP)
     for _ in range(3):
         assert daemon.invoke(FP, "emit", {"count": 2, "variables": 3})[-1].ok
