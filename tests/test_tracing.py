@@ -228,8 +228,8 @@ def test_tracing_off_removes_spans_and_the_trace_page(
 
 
 def test_the_ring_keeps_what_the_trace_page_shows_in_few_collected_objects() -> None:
-    """A kept span is one object for the garbage collector, whatever its attributes:
-    a full ring of ``ReadableSpan`` made every full collection walk 11 objects a span."""
+    """A kept span leaves the garbage collector at most two objects to walk, whatever its
+    attributes; a ring of ``ReadableSpan`` left it 11 a span."""
     ring = SpanRing(1000)
     provider = TracerProvider(sampler=ALWAYS_ON)
     provider.add_span_processor(ring)
