@@ -110,7 +110,7 @@ class Invocation:
         session, codec = self.session, self.codec
         clock = time.perf_counter
         try:
-            self.instance.open_session(session, self.request)
+            await self.instance.open_session(session, self.request)
             with anyio.move_on_after(self.timeout) as deadline:
                 try:
                     async for batch in session.batches():
