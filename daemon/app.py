@@ -27,6 +27,7 @@ from daemon.invocation import Invocation, new_session
 from daemon.manifest import ManifestError, ToolSpec, discover
 from daemon.metrics import RuntimeCollector
 from daemon.runtime import PluginPool, PluginUnavailable, Runtime
+from daemon.runtime.tcp import RemotePlugin
 from daemon.storage import BackwardsServices, Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 
@@ -80,9 +81,9 @@ class Daemon:
             self.storage.close()
         self.tracing.shutdown()
 
-    def pool(self, plugin_id: str) -> PluginPool:
+    def pool(self, plugin_id: str, tenant_id: str) -> PluginPool | RemotePlugin:
         assert self.runtime is not None
-        pool = self.runtime.pools.get(plugin_id)
+        pool = self.runtime.pool_for(plugin_id, tenant_id)
         if pool is None:
             raise BadRequest(404, f"plugin {plugin_id!r} is not installed")
         return pool
@@ -92,7 +93,7 @@ def _error(exc: BadRequest) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def _tool(pool: PluginPool, provider: str, tool: str | None) -> ToolSpec | None:
+def _tool(pool: PluginPool | RemotePlugin, provider: str, tool: str | None) -> ToolSpec | None:
     spec = pool.spec.providers.get(provider)
     if spec is None:
         raise BadRequest(404, f"plugin {pool.spec.id!r} has no tool provider {provider!r}")
@@ -111,7 +112,7 @@ async def _dispatch(request: Request, action: str) -> Response:
         dispatch.check_key(request, daemon.server_key)
         tenant = dispatch.tenant_id(request)
         plugin_id = dispatch.plugin_id(request)
-        pool = daemon.pool(plugin_id)
+        pool = daemon.pool(plugin_id, tenant)
         body = await dispatch.read_json(request, settings.max_request_body_bytes)
         if action == "invoke_tool":
             parsed = dispatch.parse(dispatch.InvokeToolRequest, body)
@@ -156,6 +157,21 @@ async def validate_credentials(request: Request) -> Response:
     return await _dispatch(request, "validate_tool_credentials")
 
 
+async def debugging_key(request: Request) -> Response:
+    """The key a plugin author gives the SDK (REMOTE_INSTALL_KEY) to debug against this tenant."""
+    daemon: Daemon = request.app.state.daemon
+    try:
+        dispatch.check_key(request, daemon.server_key)
+        tenant = dispatch.tenant_id(request)
+    except BadRequest as exc:
+        return _error(exc)
+    assert daemon.runtime is not None
+    if daemon.runtime.remote is None:
+        return _error(BadRequest(404, "remote debugging is turned off (PLUGIN_REMOTE_INSTALLING_ENABLED)"))
+    key = daemon.runtime.remote.keys.key_for(tenant)
+    return JSONResponse({"code": 0, "message": "success", "data": {"key": key}})
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "version": __version__})
 
@@ -169,7 +185,7 @@ async def list_plugins(request: Request) -> Response:
     assert daemon.runtime is not None
     body: dict[str, Any] = {
         "validator": daemon.settings.validator.value,
-        "plugins": [pool.describe() for pool in daemon.runtime.pools.values()],
+        "plugins": daemon.runtime.describe(request.query_params.get("tenant_id")),
         "load_errors": daemon.runtime.load_errors,
     }
     return JSONResponse(body)
@@ -271,6 +287,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
             validate_credentials,
             methods=["POST"],
         ),
+        Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     plugin_max_start_failures: int = Field(3, ge=1)  # in a row, then the plugin is "failed"
     python_interpreter_path: str | None = None
     event_loop: EventLoop = EventLoop.UVLOOP
+    plugin_remote_installing_enabled: bool = True
+    plugin_remote_installing_host: str = "127.0.0.1"
+    plugin_remote_installing_port: int = Field(5003, ge=0, le=65535)
 
     metrics_access: Access = Access.LOOPBACK
     debug_access: Access = Access.LOOPBACK

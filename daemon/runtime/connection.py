@@ -59,12 +59,17 @@ class InstanceStartError(RuntimeError):
     pass
 
 
+class PluginUnavailable(RuntimeError):
+    """No instance can take an invocation (install failed, not ready in time, stopping)."""
+
+
 class Transport(Protocol):
     """What a connection needs from the thing that carries its lines."""
 
     name: str
     pid: int | None
     last_output: float
+    death_error_type: str  # what the sessions open at its end fail with
     exited: asyncio.Future[str]  # resolves to the cause of the end, once
 
     async def start(
@@ -278,7 +283,7 @@ class Connection:
     def _on_close(self, outcome: str) -> None:
         """The transport ended (reader thread): every open session ends now, with the cause."""
         message = f"plugin instance {self.name} {outcome}"
-        self._death = SessionError(SHUTDOWN if self._stopping else INSTANCE_DIED, message)
+        self._death = SessionError(SHUTDOWN if self._stopping else self.transport.death_error_type, message)
         self._dead = True  # before the snapshot: open_session() checks it after registering
         self.state = InstanceState.STOPPED
         failed = list(self.sessions.values())

@@ -26,17 +26,14 @@ from daemon.codec import Codec
 from daemon.config import Settings
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import PluginSpec
-from daemon.runtime.connection import Connection, InstanceStartError
+from daemon.runtime.connection import Connection, InstanceStartError, PluginUnavailable
 from daemon.runtime.process import ProcessTransport
+from daemon.runtime.tcp import RemoteDebugging, RemotePlugin, describe_providers
 from daemon.storage import BackwardsServices
 
 log = logging.getLogger("daemon.runtime")
 
 HEALTHY_AFTER = 30.0  # an instance that ran this long resets its slot's backoff
-
-
-class PluginUnavailable(RuntimeError):
-    """No instance can take an invocation (install failed, not ready in time, stopping)."""
 
 
 def process_connection(
@@ -230,15 +227,7 @@ class PluginPool:
                 for i in self.instances
                 if i is not None
             ],
-            "providers": {
-                name: {
-                    "tools": {
-                        tool.name: {"output_schema": tool.output_schema is not None}
-                        for tool in provider.tools.values()
-                    }
-                }
-                for name, provider in self.spec.providers.items()
-            },
+            "providers": describe_providers(self.spec),
         }
 
 
@@ -262,6 +251,25 @@ class Runtime:
                 continue
             self.pools[spec.id] = PluginPool(spec, settings=settings, codec=codec, services=services)
         self._tasks: list[asyncio.Task[None]] = []
+        self.remote = (
+            RemoteDebugging(settings=settings, codec=codec, services=services)
+            if settings.plugin_remote_installing_enabled
+            else None
+        )
+
+    def pool_for(self, plugin_id: str, tenant_id: str) -> PluginPool | RemotePlugin | None:
+        """What serves ``plugin_id`` to ``tenant_id``: its remote-debug connection first."""
+        remote = self.remote.for_tenant(tenant_id).get(plugin_id) if self.remote is not None else None
+        return remote or self.pools.get(plugin_id)
+
+    def describe(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
+        """Every local plugin, and the remote ones of ``tenant_id`` (of every tenant if None)."""
+        described = [pool.describe() for pool in self.pools.values()]
+        if self.remote is not None:
+            tenants = [tenant_id] if tenant_id is not None else list(self.remote.plugins)
+            for tenant in tenants:
+                described += [plugin.describe() for plugin in self.remote.for_tenant(tenant).values()]
+        return described
 
     def instance_states(self) -> Iterator[tuple[str, int, bool, bool, int]]:
         """(plugin id, slot, up, ready, bytes queued for callers) per slot, for metrics."""
@@ -274,12 +282,16 @@ class Runtime:
                 yield plugin_id, slot, not instance.exited.done(), instance.ready, queued
 
     async def start(self) -> None:
+        if self.remote is not None:
+            await self.remote.start()
         self._tasks = [
             asyncio.create_task(pool.run(), name=f"pool {plugin_id}")
             for plugin_id, pool in self.pools.items()
         ]
 
     async def stop(self) -> None:
+        if self.remote is not None:
+            await self.remote.stop()
         for pool in self.pools.values():
             pool.stop()
         for task in self._tasks:

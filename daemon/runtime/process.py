@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from daemon.errors import INSTANCE_DIED
 from daemon.manifest import PluginSpec
 
 log = logging.getLogger("daemon.runtime")
@@ -98,6 +99,12 @@ class StderrTail:
             self._window_start, self._window_bytes = now, 0
         self._window_bytes += len(raw)
         if self._window_bytes > STDERR_LOG_BYTES_PER_S:
+            if not self._suppressed:
+                log.warning(
+                    "plugin %s: more than %d bytes/s of stderr; not logging the rest of this second",
+                    self._name,
+                    STDERR_LOG_BYTES_PER_S,
+                )
             self._suppressed += len(raw)
             return
         log.info("plugin %s stderr: %s", self._name, line[:STDERR_LINE_CHARS])
@@ -118,6 +125,8 @@ class StderrTail:
 
 class ProcessTransport:
     """One plugin process: its pipes, its threads, its exit."""
+
+    death_error_type = INSTANCE_DIED
 
     def __init__(
         self,
