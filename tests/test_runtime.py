@@ -237,7 +237,7 @@ def test_requests_arriving_together_are_spread_over_the_instances(
     daemon = start(fastproto(), plugin_instances=2)
     daemon.wait_ready(FP, instances=2)
     request = daemon.invocation(FP, "emit", {"count": 1, "hang": True})
-    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(16) as pool:
         client = stack.enter_context(httpx.Client(timeout=60))
 
         def open_one() -> None:
@@ -247,8 +247,8 @@ def test_requests_arriving_together_are_spread_over_the_instances(
             opened.append(chunks)  # keep a reference: a dropped iterator closes the response
 
         opened: list[Any] = []
-        list(pool.map(lambda _: open_one(), range(4)))
-        assert sorted(i["sessions"] for i in daemon.plugins()[FP]["instances"]) == [2, 2]
+        list(pool.map(lambda _: open_one(), range(16)))
+        assert sorted(i["sessions"] for i in daemon.plugins()[FP]["instances"]) == [8, 8]
 
 
 def test_plugins_get_a_minimal_environment_without_the_server_key(
