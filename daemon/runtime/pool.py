@@ -159,7 +159,7 @@ class PluginPool:
         self.start_failures += 1
         tail = getattr(getattr(instance, "transport", None), "stderr", None)
         if tail is not None:
-            self.stderr = list(tail.lines)
+            self.stderr = await tail.last_lines()
         if self.start_failures >= self._settings.plugin_max_start_failures and self.status != "failed":
             log.error(
                 "plugin %s: failed (%d failed starts in a row); invocations are refused until it starts",

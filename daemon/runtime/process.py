@@ -83,7 +83,9 @@ class StderrTail:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self.lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._lock = threading.Lock()  # the stderr thread appends, the loop takes snapshots
+        self.done = threading.Event()  # set when the stream has ended
         self._window_start = time.monotonic()
         self._window_bytes = 0
         self._suppressed = 0
@@ -92,7 +94,8 @@ class StderrTail:
         line = raw.decode(errors="replace").rstrip()
         if not line:
             return
-        self.lines.append(line[:STDERR_LINE_CHARS])
+        with self._lock:
+            self._lines.append(line[:STDERR_LINE_CHARS])
         now = time.monotonic()
         if now - self._window_start >= 1.0:
             self._flush_suppressed()
@@ -121,6 +124,16 @@ class StderrTail:
 
     def close(self) -> None:
         self._flush_suppressed()
+        self.done.set()
+
+    def snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    async def last_lines(self, wait: float = 1.0) -> list[str]:
+        """The tail, once the stream has ended (or after ``wait`` s: the process may live on)."""
+        await asyncio.to_thread(self.done.wait, wait)
+        return self.snapshot()
 
 
 class ProcessTransport:
@@ -240,6 +253,7 @@ class ProcessTransport:
         finally:
             self.kill(reason)  # stdout may have closed while the process lives on
             code = self._reap()
+            self._proc.stdout.close()
             outcome = f"{self._kill_reason or reason} (exit code {code})"
             try:
                 on_close(outcome)
@@ -275,7 +289,7 @@ class ProcessTransport:
         limit = STDERR_LINE_CHARS * 4  # bytes: room for any UTF-8 text of the kept length
         pending = b""
         overlong = False  # the current line already hit the limit; drop until its newline
-        with contextlib.suppress(OSError, ValueError):
+        try:
             while chunk := os.read(fd, READ_CHUNK):
                 *lines, rest = chunk.split(b"\n")
                 for line in lines:
@@ -289,7 +303,11 @@ class ProcessTransport:
                         pending, overlong = b"", True
             if pending and not overlong:
                 self.stderr.add(pending)
-        self.stderr.close()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._proc.stderr.close()
+            self.stderr.close()
 
     def _set_exited(self, outcome: str) -> None:
         if not self.exited.done():
