@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -129,3 +130,16 @@ def test_a_wrong_key_is_refused_and_logged(remote: Any) -> None:
     assert reply == b"handshake failed, invalid key\n"
     wait_for(lambda: "refused: handshake failed, invalid key" in daemon.log())
     assert list(listed(daemon, "tenant-a")) == [FP]
+
+
+def test_connections_are_bounded(remote: Any) -> None:
+    daemon, port, _ = remote
+    with contextlib.ExitStack() as stack:
+        for _ in range(64):  # connected, never registering: each holds a slot until it times out
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as extra:
+            reply = b""
+            while chunk := extra.recv(4096):
+                reply += chunk
+    assert reply == b"server is busy now, please try again later\n"
+    assert httpx.get(f"{daemon.url}/health/check", timeout=30).status_code == 200

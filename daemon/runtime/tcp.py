@@ -36,6 +36,7 @@ log = logging.getLogger("daemon.runtime")
 
 CONNECTION_CLOSED = "ConnectionClosedError"  # upstream's error type for a remote plugin gone
 REGISTRATION_LINE_BYTES = 4 * 1024 * 1024  # a declaration or an asset chunk
+MAX_CONNECTIONS = 64  # registering and registered, at once (upstream bounds them too)
 REGISTRATION_TIMEOUT = 30.0  # seconds from connect to ``end`` (upstream: 10 s to the handshake)
 MAX_ASSET_BYTES = 50 * 1024 * 1024  # as upstream
 READ_CHUNK = 256 * 1024
@@ -274,6 +275,15 @@ class RemoteDebugging:
         return self.plugins.get(tenant_id, {})
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._handlers) >= MAX_CONNECTIONS:
+            log.warning(
+                "remote plugin from %s refused: %d connections already",
+                writer.get_extra_info("peername"),
+                MAX_CONNECTIONS,
+            )
+            writer.write(b"server is busy now, please try again later\n")
+            writer.close()
+            return
         task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
@@ -322,7 +332,8 @@ class RemoteDebugging:
                 del self.plugins[tenant][spec.id]
                 if not self.plugins[tenant]:
                     del self.plugins[tenant]
-            connection.stop()  # a no-op after a disconnect; on shutdown, ends the sessions
+            if not transport.exited.done():
+                connection.stop()  # shutting down: end the sessions now
         log.info(
             "remote plugin %s from %s for tenant %s: %s", spec.id, peer, tenant, transport.exited.result()
         )
