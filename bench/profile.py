@@ -125,6 +125,9 @@ _DAEMON_FUNCTIONS = {
     ("codec.py", "sse_success"): "JSON encode",
     ("codec.py", "sse_error"): "JSON encode",
     ("codec.py", "_stdlib_dumps"): "JSON encode",
+    ("wire.py", "sse_success"): "JSON encode",
+    ("wire.py", "sse_error"): "JSON encode",
+    ("wire.py", "_stdlib_dumps"): "JSON encode",
 }
 _DAEMON_MODULES = {
     "stream.py": "stream hand-off",
@@ -133,7 +136,8 @@ _DAEMON_MODULES = {
     "sse.py": "send path",
     "app.py": "request handling",
     "dispatch.py": "request handling",
-    "codec.py": "request handling",
+    "codec.py": "request handling",  # wire.py before its rename
+    "wire.py": "request handling",
     "invocation.py": "other",
     "runtime.py": "other",  # before the runtime became a package
     "process.py": "other",

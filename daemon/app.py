@@ -20,16 +20,17 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from daemon import __version__, access, dispatch, metrics, tracepage
-from daemon.codec import get_codec, tool_request
 from daemon.config import Access, Settings
 from daemon.dispatch import BadRequest
 from daemon.invocation import Invocation, new_session
 from daemon.manifest import ManifestError, ToolSpec, discover
 from daemon.metrics import RuntimeCollector
 from daemon.runtime import PluginPool, PluginUnavailable, Runtime
+from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.tcp import RemotePlugin
-from daemon.storage import BackwardsServices, Storage
+from daemon.storage import Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
+from daemon.wire import get_codec, tool_request
 
 log = logging.getLogger(__name__)
 

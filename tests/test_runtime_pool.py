@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 import uvloop
 
-from daemon.codec import get_codec, tool_request
 from daemon.config import Settings
 from daemon.manifest import discover
 from daemon.runtime import PluginPool
+from daemon.runtime.backwards import BackwardsServices
 from daemon.session import Session
-from daemon.storage import BackwardsServices, Storage
+from daemon.storage import Storage
 from daemon.testing import copy_plugin
+from daemon.wire import get_codec, tool_request
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

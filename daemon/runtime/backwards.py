@@ -5,13 +5,17 @@ Each call runs as a task registered under its session: at most
 instance. A plugin that goes over either bound has the offending session ended with
 a named error (its later messages are dropped), so a flood costs the daemon a bounded
 amount of memory and time. When a session ends, for any reason, its calls still
-running are cancelled; nothing outlives its session. What each invocation type does
-is :class:`daemon.storage.BackwardsServices`' business.
+running are cancelled; nothing outlives its session.
+
+What each invocation type does is :class:`BackwardsServices`' business: only ``storage``
+is served (from :class:`daemon.storage.Storage`); every other type is refused at once,
+so the plugin fails fast instead of waiting out the SDK's 250 s response timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -19,10 +23,10 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from daemon import codec as wire
+from daemon import wire
 from daemon.errors import SessionError
 from daemon.session import Session
-from daemon.storage import BackwardsError, BackwardsServices
+from daemon.storage import MAX_VALUE_BYTES, Storage
 
 log = logging.getLogger("daemon.runtime")
 _tracer = trace.get_tracer("daemon.runtime")
@@ -32,6 +36,53 @@ PER_CONNECTION = 256
 LIMIT_ERROR = "PluginBackwardsInvocationLimitError"
 
 Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+class BackwardsError(Exception):
+    """Answered to the plugin as a backwards ``error`` frame."""
+
+
+class BackwardsServices:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    async def handle(self, tenant: str, plugin: str, invocation: Mapping[str, Any]) -> Any:
+        """The ``data`` of the single response frame; raises :class:`BackwardsError`."""
+        kind = invocation.get("type")
+        if kind != "storage":
+            raise BackwardsError(f"backwards invocation type {kind!r} is not supported by this daemon")
+        request = invocation.get("request")
+        if not isinstance(request, Mapping):
+            raise BackwardsError("storage invocation without a request object")
+        return await asyncio.to_thread(self._storage, tenant, plugin, request)
+
+    def _storage(self, tenant: str, plugin: str, request: Mapping[str, Any]) -> Any:
+        opt, key = request.get("opt"), request.get("key")
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise BackwardsError("storage key must be a string of 1 to 256 characters")
+        if opt == "set":
+            value = request.get("value")
+            try:
+                raw = binascii.unhexlify(value) if isinstance(value, str) else None
+            except (binascii.Error, ValueError):
+                raw = None
+            if raw is None:
+                raise BackwardsError("storage value must be a hex string")
+            if len(raw) > MAX_VALUE_BYTES:
+                raise BackwardsError(f"storage value larger than {MAX_VALUE_BYTES} bytes")
+            self.storage.set(tenant, plugin, key, raw)
+            return {"data": "ok"}
+        if opt == "get":
+            found = self.storage.get(tenant, plugin, key)
+            if found is None:
+                raise BackwardsError(f"storage key {key!r} not found")
+            return {"data": found.hex()}
+        if opt == "exist":
+            return {"data": self.storage.get(tenant, plugin, key) is not None}
+        if opt == "del":
+            self.storage.delete(tenant, plugin, key)
+            return {"data": "ok"}
+        raise BackwardsError(f"storage operation {opt!r} is not supported")
 
 
 class BackwardsCalls:

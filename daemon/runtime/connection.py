@@ -26,15 +26,13 @@ from typing import Any, Protocol
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from daemon import codec as wire
-from daemon import metrics
-from daemon.codec import Codec
+from daemon import metrics, wire
 from daemon.config import Settings
 from daemon.errors import INSTANCE_DIED, SHUTDOWN, SessionError
 from daemon.manifest import PluginSpec
-from daemon.runtime.backwards import BackwardsCalls
+from daemon.runtime.backwards import BackwardsCalls, BackwardsServices
 from daemon.session import Session
-from daemon.storage import BackwardsServices
+from daemon.wire import Codec
 
 log = logging.getLogger("daemon.runtime")
 _tracer = trace.get_tracer("daemon.runtime")

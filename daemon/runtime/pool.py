@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from daemon import metrics
-from daemon.codec import Codec
 from daemon.config import Settings
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import PluginSpec
+from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.connection import Connection, InstanceStartError, PluginUnavailable
 from daemon.runtime.process import ProcessTransport
 from daemon.runtime.tcp import RemoteDebugging, RemotePlugin, describe_providers
-from daemon.storage import BackwardsServices
+from daemon.wire import Codec
 
 log = logging.getLogger("daemon.runtime")
 

@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.codec import Codec
 from daemon.config import Settings
 from daemon.manifest import ManifestError, PluginSpec, ProviderSpec, ToolSpec
 from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.connection import Connection, InstanceStartError, PluginUnavailable
 from daemon.validation import OutputSchema, SchemaDeclarationError
+from daemon.wire import Codec
 
 log = logging.getLogger("daemon.runtime")
 
