@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     )
     debug_access: Access = Field(Access.LOOPBACK, description="the same for /debug/*")
     trace_ring_spans: int = Field(20000, ge=0, description="spans kept for /debug/traces; 0 keeps none")
+    trace_untraced_paths: str = Field(
+        "/plugins,/health/check,/metrics",
+        description="comma-separated paths never traced (polling would crowd out the traces that matter)",
+    )
 
     session_buffer_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="per-session buffer between a plugin and a slow caller"
