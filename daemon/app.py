@@ -220,14 +220,7 @@ async def debug_traces(request: Request) -> Response:
         message = "tracing is disabled (OTEL_SDK_DISABLED=true or TRACE_RING_SPANS=0)"
         return JSONResponse({"code": -404, "message": message, "data": None}, status_code=404)
     spans = ring.snapshot()
-    params = request.query_params
-    if "trace" in params:
-        page = tracepage.render_trace(spans, params["trace"])
-    elif "name" in params:
-        page = tracepage.render_list(spans, params["name"], params.get("view", "recent"))
-    else:
-        page = tracepage.render_index(spans, daemon.settings.trace_ring_spans)
-    return HTMLResponse(page)
+    return HTMLResponse(tracepage.render(spans, request.query_params, daemon.settings.trace_ring_spans))
 
 
 LOGIN_FORM = """<!doctype html><html><head><meta charset='utf-8'><title>Sign in</title></head>
@@ -298,7 +291,8 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
     middleware = []
     if tracing.enabled:
         templates = {route.endpoint: route.path for route in routes}
-        middleware.append(Middleware(TracingMiddleware, routes=templates))
+        untraced = [p.strip() for p in settings.trace_untraced_paths.split(",") if p.strip()]
+        middleware.append(Middleware(TracingMiddleware, routes=templates, untraced=untraced))
     app = Starlette(
         routes=routes,
         middleware=middleware,

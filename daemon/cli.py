@@ -1,4 +1,4 @@
-"""Command line: ``plugin-daemon serve`` (the daemon) and ``plugin-daemon install``.
+"""Command line: ``plugin-daemon serve`` runs the daemon, ``install`` makes the plugins' venvs.
 
 Every flag has an environment variable of the same meaning; a flag wins.
 """
@@ -11,7 +11,10 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import sys
+import textwrap
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,56 +27,142 @@ from daemon.validation import BackendUnavailable, check_backend
 
 log = logging.getLogger("daemon")
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# flag, Settings field (its environment variable is the field's name in capitals), argparse options
 FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--host", "server_host", {"help": "address to bind (SERVER_HOST, default 127.0.0.1)"}),
-    ("--port", "server_port", {"type": int, "help": "port (SERVER_PORT, default 5002)"}),
-    ("--plugins", "plugins_dir", {"help": "plugins directory (PLUGINS_DIR, default ./plugins)"}),
-    ("--state-dir", "state_dir", {"help": "key file and storage (STATE_DIR, default ./.daemon-state)"}),
-    (
-        "--validator",
-        "validator",
-        {
-            "choices": [d.value for d in ValidatorDesign],
-            "help": "output validation design (VALIDATOR, default owner; none skips validation)",
-        },
-    ),
-    (
-        "--validator-backend",
-        "validator_backend",
-        {
-            "choices": [b.value for b in ValidatorBackend],
-            "help": "JSON Schema implementation (VALIDATOR_BACKEND, default jsonschema)",
-        },
-    ),
-    ("--codec", "codec", {"choices": [c.value for c in CodecName], "help": "JSON codec (CODEC)"}),
-    ("--instances", "plugin_instances", {"type": int, "help": "instances per plugin (PLUGIN_INSTANCES)"}),
-    (
-        "--timeout",
-        "plugin_max_execution_timeout",
-        {"type": float, "help": "seconds an invocation may run (PLUGIN_MAX_EXECUTION_TIMEOUT)"},
-    ),
+    ("--host", "server_host", {"metavar": "HOST"}),
+    ("--port", "server_port", {"type": int, "metavar": "PORT"}),
+    ("--plugins", "plugins_dir", {"metavar": "DIR"}),
+    ("--state-dir", "state_dir", {"metavar": "DIR"}),
+    ("--validator", "validator", {"choices": [d.value for d in ValidatorDesign]}),
+    ("--validator-backend", "validator_backend", {"choices": [b.value for b in ValidatorBackend]}),
+    ("--codec", "codec", {"choices": [c.value for c in CodecName]}),
+    ("--instances", "plugin_instances", {"type": int, "metavar": "N"}),
+    ("--timeout", "plugin_max_execution_timeout", {"type": float, "metavar": "SECONDS"}),
 ]
+FLAG_OF = {dest: flag for flag, dest, _ in FLAGS}
+
+
+def _default(field: str) -> str | None:
+    value = Settings.model_fields[field].default
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        return str(value.value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _explain(field: str) -> str:
+    default = _default(field)
+    description = str(Settings.model_fields[field].description)
+    return description if default is None else f"{description}; default {default}"
+
+
+def _describe(field: str) -> str:
+    """A flag's help: what the setting does, its environment variable and its default."""
+    return f"{_explain(field)} ({field.upper()})"
+
+
+def _env_only_epilog() -> str:
+    rows = [(f.upper(), _explain(f)) for f in Settings.model_fields if f not in FLAG_OF]
+    rows += [("LOG_LEVEL", "as --log-level; default info"), ("OTEL_*", "standard OpenTelemetry variables")]
+    width = max(len(name) for name, _ in rows) + 4
+    lines = [
+        textwrap.fill(text, 100, initial_indent=f"  {name:<{width - 2}}", subsequent_indent=" " * width)
+        for name, text in rows
+    ]
+    return "settings only as environment variables:\n" + "\n".join(lines)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps help text between words only (``.daemon-state`` stays whole)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given before or after the subcommand, neither default hides the other.
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="log level (LOG_LEVEL; default info): %(choices)s",
+        metavar="LEVEL",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plugin-daemon", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    parser = argparse.ArgumentParser(
+        prog="plugin-daemon",
+        description="A plugin daemon for Dify tool plugins. Every flag has an environment variable "
+        "of the same meaning; a flag wins.",
+    )
+    _add_log_level(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the daemon")
-    install = sub.add_parser("install", help="create every plugin's virtualenv, then exit")
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon",
+        description="Run the daemon. Every flag has an environment variable; a flag wins.",
+        epilog=_env_only_epilog(),
+        formatter_class=_HelpFormatter,
+    )
+    install = sub.add_parser(
+        "install",
+        help="create every plugin's virtualenv, then exit",
+        description="Create every plugin's virtualenv, then exit.",
+    )
     for flag, dest, options in FLAGS:
-        serve.add_argument(flag, dest=dest, default=None, **options)
-    install.add_argument("--plugins", dest="plugins_dir", default=None)
+        serve.add_argument(flag, dest=dest, default=None, help=_describe(dest), **options)
+    install.add_argument("--plugins", dest="plugins_dir", default=None, help=_describe("plugins_dir"))
+    _add_log_level(serve)
+    _add_log_level(install)
     return parser
+
+
+def _setting_name(field: str, given: dict[str, Any]) -> str:
+    """What the operator typed: the flag if one was given, else the environment variable."""
+    return FLAG_OF[field] if field in given else field.upper()
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {dest: getattr(args, dest, None) for _, dest, _ in FLAGS}
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"{_setting_name(str(e['loc'][0]), given)}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
         sys.exit(f"plugin-daemon: invalid settings: {problems}")
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    if hasattr(args, "log_level"):
+        return str(args.log_level)
+    level = os.environ.get("LOG_LEVEL", "info").strip().lower()
+    if level not in LOG_LEVELS:
+        given = os.environ["LOG_LEVEL"]
+        sys.exit(f"plugin-daemon: invalid LOG_LEVEL {given!r}: use one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def check_plugins_dir(path: Path) -> None:
+    """A missing, unreadable or non-directory ``--plugins`` stops the start; an empty one is a warning."""
+    if not path.exists():
+        sys.exit(f"plugin-daemon: plugins directory {path} does not exist")
+    if not path.is_dir():
+        sys.exit(f"plugin-daemon: plugins directory {path} is a file, not a directory")
+    try:
+        with os.scandir(path) as entries:
+            found = any(e.is_dir() and os.path.exists(os.path.join(e.path, "manifest.yaml")) for e in entries)
+    except OSError as exc:
+        sys.exit(f"plugin-daemon: cannot read plugins directory {path}: {exc.strerror or exc}")
+    if not found:
+        log.warning("plugins directory %s holds no plugin (no subfolder with a manifest.yaml)", path)
 
 
 def _is_loopback(host: str) -> bool:
@@ -118,6 +207,17 @@ def server_key(settings: Settings) -> str:
     return key
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before any plugin starts, so a port in use stops the start at once."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        resolved = exc.errno and not isinstance(exc, socket.gaierror)
+        reason = os.strerror(exc.errno) if resolved else exc.strerror  # without "while attempting..."
+        sys.exit(f"plugin-daemon: cannot listen on {host}:{port}: {reason or exc}")
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -127,20 +227,26 @@ def serve(settings: Settings) -> None:
         check_backend(settings.validator_backend)
     except BackendUnavailable as exc:
         sys.exit(f"plugin-daemon: {exc}")
+    check_plugins_dir(settings.plugins_dir)
     key = server_key(settings)
+    sock = bind(settings.server_host, settings.server_port)
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     app = create_app(settings, key)
     loop = settings.event_loop.value
-    log.info("listening on http://%s:%d", settings.server_host, settings.server_port)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
-        host=settings.server_host,
-        port=settings.server_port,
         loop=loop,
         http="httptools",
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
+    server = uvicorn.Server(config)
+    with sock:
+        server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(3)  # uvicorn's status for a start-up failure; it has logged why
 
 
 async def _install(plugins_dir: Path) -> int:
@@ -161,10 +267,11 @@ async def _install(plugins_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=_log_level(args).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "install":
         plugins = Path(args.plugins_dir or os.environ.get("PLUGINS_DIR", "plugins"))
+        check_plugins_dir(plugins)
         try:
             sys.exit(asyncio.run(_install(plugins)))
         except ManifestError as exc:

@@ -52,34 +52,66 @@ class CodecName(StrEnum):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
 
-    server_host: str = "127.0.0.1"
-    server_port: int = Field(5002, ge=0, le=65535)
-    server_key: str | None = Field(None, min_length=1)
-    plugins_dir: Path = Path("plugins")
-    state_dir: Path = Path(".daemon-state")
-    validator: ValidatorDesign = ValidatorDesign.OWNER
-    validator_backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
-    codec: CodecName = CodecName.ORJSON
+    server_host: str = Field("127.0.0.1", description="address to bind; a non-loopback one needs SERVER_KEY")
+    server_port: int = Field(5002, ge=0, le=65535, description="port to bind")
+    server_key: str | None = Field(
+        None,
+        min_length=1,
+        description="the API key callers send as X-Api-Key (default: generated, kept in STATE_DIR)",
+    )
+    plugins_dir: Path = Field(Path("plugins"), description="plugins directory, one plugin per subfolder")
+    state_dir: Path = Field(Path(".daemon-state"), description="generated key and storage database")
+    validator: ValidatorDesign = Field(
+        ValidatorDesign.OWNER, description="output validation design; none skips validation"
+    )
+    validator_backend: ValidatorBackend = Field(
+        ValidatorBackend.JSONSCHEMA, description="JSON Schema implementation"
+    )
+    codec: CodecName = Field(CodecName.ORJSON, description="JSON codec of the hot path")
 
-    plugin_max_execution_timeout: float = Field(600.0, gt=0)
-    plugin_instances: int = Field(1, ge=1, le=64)
-    plugin_ready_timeout: float = Field(120.0, gt=0)
-    plugin_liveness_timeout: float = Field(60.0, gt=0)
-    plugin_max_line_bytes: int = Field(5 * 1024 * 1024, ge=1024)
-    plugin_restart_backoff_max: float = Field(30.0, gt=0)
-    plugin_max_start_failures: int = Field(3, ge=1)  # in a row, then the plugin is "failed"
-    python_interpreter_path: str | None = None
-    event_loop: EventLoop = EventLoop.UVLOOP
-    plugin_remote_installing_enabled: bool = True
-    plugin_remote_installing_host: str = "127.0.0.1"
-    plugin_remote_installing_port: int = Field(5003, ge=0, le=65535)
+    plugin_max_execution_timeout: float = Field(600.0, gt=0, description="seconds one invocation may run")
+    plugin_instances: int = Field(1, ge=1, le=64, description="processes per plugin")
+    plugin_ready_timeout: float = Field(
+        120.0, gt=0, description="seconds to a plugin's first heartbeat, and the most a request waits for one"
+    )
+    plugin_liveness_timeout: float = Field(
+        60.0, gt=0, description="seconds without output before a plugin instance is killed"
+    )
+    plugin_max_line_bytes: int = Field(
+        5 * 1024 * 1024, ge=1024, description="longest plugin stdout line; a longer one fails the instance"
+    )
+    plugin_restart_backoff_max: float = Field(30.0, gt=0, description="cap of the restart backoff, seconds")
+    plugin_max_start_failures: int = Field(
+        3, ge=1, description="failed starts in a row after which the plugin is reported failed"
+    )
+    python_interpreter_path: str | None = Field(
+        None, description="Python for plugin venvs (default: pythonX.Y on PATH, then pyenv's versions)"
+    )
+    event_loop: EventLoop = Field(EventLoop.UVLOOP, description="event loop: uvloop or the stdlib asyncio")
+    plugin_remote_installing_enabled: bool = Field(
+        True, description="accept remote-debugging plugins over TCP"
+    )
+    plugin_remote_installing_host: str = Field(
+        "127.0.0.1", description="address of the remote-debugging listener"
+    )
+    plugin_remote_installing_port: int = Field(
+        5003, ge=0, le=65535, description="port of the remote-debugging listener"
+    )
 
-    metrics_access: Access = Access.LOOPBACK
-    debug_access: Access = Access.LOOPBACK
-    trace_ring_spans: int = Field(20000, ge=0)
+    metrics_access: Access = Field(
+        Access.LOOPBACK, description="who may read /metrics: open, loopback (or the key), key, off"
+    )
+    debug_access: Access = Field(Access.LOOPBACK, description="the same for /debug/*")
+    trace_ring_spans: int = Field(20000, ge=0, description="spans kept for /debug/traces; 0 keeps none")
+    trace_untraced_paths: str = Field(
+        "/plugins,/health/check,/metrics",
+        description="comma-separated paths never traced (polling would crowd out the traces that matter)",
+    )
 
-    session_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    max_request_body_bytes: int = Field(1024 * 1024, ge=1024)
+    session_buffer_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="per-session buffer between a plugin and a slow caller"
+    )
+    max_request_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest request body")
 
     @property
     def key_file(self) -> Path:

@@ -60,6 +60,7 @@ class Invocation:
         self.encode_seconds = 0.0
         self.first_event_at: float | None = None
         self.outcome = "pending"
+        self.error = ""  # "<type>: <message>" of a failed session, for its span's status
 
     def response(self) -> EventStreamResponse:
         return EventStreamResponse(self.relay, self.client_gone)
@@ -88,11 +89,15 @@ class Invocation:
             "plugin.provider": str(data.get("provider")),
             "plugin.session_id": self.session.id,
             "tenant.id": self.session.tenant_id,
-            "validation.design": self.design if self.session.variables is not None else "none",
+            "validation.design": self.design if self.session.variables is not None else self._unvalidated(),
         }
         if "tool" in data:
             attributes["plugin.tool"] = str(data["tool"])
         return attributes
+
+    def _unvalidated(self) -> str:
+        """Why this session has nothing to validate: the daemon's design, or a tool without schema."""
+        return "none" if self.design == "none" else "no schema"
 
     async def _relay_and_record(
         self, send_body: SendBody, series: metrics.InvocationSeries, span: Span
@@ -125,10 +130,12 @@ class Invocation:
                 except SessionError as error:
                     if self.outcome != CLIENT_GONE:
                         self.outcome = error.error_type
+                        self.error = f"{error.error_type}: {error.message}"
                     await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
             if deadline.cancelled_caught:
                 self.outcome = TIMEOUT
                 message = f"the plugin did not finish within {self.timeout:g} s"
+                self.error = f"{TIMEOUT}: {message}"
                 session.close(SessionError(TIMEOUT, message))
                 with anyio.move_on_after(FINAL_EVENT_GRACE):
                     await send_body(wire.sse_error(codec, TIMEOUT, message))
@@ -176,7 +183,7 @@ class Invocation:
         if self.first_event_at is not None:
             span.set_attribute("plugin.time_to_first_event_seconds", self.first_event_at - started)
         if outcome not in ("success", "client_gone"):
-            span.set_status(Status(StatusCode.ERROR, self.outcome))
+            span.set_status(Status(StatusCode.ERROR, self.error or self.outcome))
 
 
 def new_session(

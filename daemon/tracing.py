@@ -15,11 +15,12 @@ counts and the decode/encode time accumulated over the whole session.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry import propagate, trace
@@ -168,9 +169,20 @@ def setup_tracing(ring_capacity: int, exporters: Sequence[SpanExporter] | None =
     return Tracing(provider, ring)
 
 
-def _untraced(path: str) -> bool:
-    """Scrapes, health checks and the debug pages would only crowd out the traces that matter."""
-    return path in ("/metrics", "/health/check") or path.startswith("/debug/")
+# Readiness polls, scrapes and health checks: hundreds an hour, each would push an invocation off
+# the trace page. TRACE_UNTRACED_PATHS replaces this list; the debug pages are never traced.
+POLLING_PATHS = ("/plugins", "/health/check", "/metrics")
+# How every final error event of a stream starts (daemon.codec.sse_error): what the caller saw.
+_SSE_ERROR = b'data: {"code":-'
+
+
+def _stream_error(event: bytes) -> str:
+    """``"<error_type>: <message>"`` of a final SSE error event."""
+    try:
+        inner = json.loads(json.loads(event[len(b"data: ") :])["message"])
+        return f"{inner['error_type']}: {inner['message']}"
+    except (ValueError, KeyError, TypeError):
+        return "the stream ended with an error event"
 
 
 class TracingMiddleware:
@@ -180,23 +192,33 @@ class TracingMiddleware:
     covers the whole relay and the ``plugin.session`` span nests inside it.
     """
 
-    def __init__(self, app: ASGIApp, routes: Mapping[Callable[..., Any], str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Mapping[Callable[..., Any], str],
+        untraced: Collection[str] = POLLING_PATHS,
+    ) -> None:
         self.app = app
         self.routes = routes
+        self.untraced = frozenset(untraced)
         self.tracer = trace.get_tracer(__name__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _untraced(scope["path"]):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.untraced or path.startswith("/debug/"):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method = scope["method"]
         status = 0
+        failure: bytes | None = None
 
         async def send_and_watch(message: Message) -> None:
-            nonlocal status
+            nonlocal status, failure
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and message.get("body", b"").startswith(_SSE_ERROR):
+                failure = message["body"]
             await send(message)
 
         with self.tracer.start_as_current_span(
@@ -221,5 +243,9 @@ class TracingMiddleware:
                     if "x-plugin-id" in headers:
                         attributes["plugin.id"] = headers["x-plugin-id"]
                     span.set_attributes(attributes)
-                    if status >= 500:
+                    if failure is not None:  # a 200 whose stream ended in an error event
+                        error = _stream_error(failure)
+                        span.set_attribute("error.type", error.partition(":")[0])
+                        span.set_status(Status(StatusCode.ERROR, error))
+                    elif status >= 500:
                         span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))

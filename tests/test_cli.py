@@ -1,17 +1,22 @@
-"""The command line: the generated server key and what it refuses."""
+"""The command line, run through the installed console script: the generated server key, start-up
+errors, log levels and --help."""
 
 from __future__ import annotations
 
 import os
 import pty
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from daemon.testing import REPO, copy_plugin, free_port
+
+CONSOLE_SCRIPT = str(Path(sys.executable).with_name("plugin-daemon"))
 
 
 def run_serve(
@@ -19,7 +24,7 @@ def run_serve(
 ) -> subprocess.Popen[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SERVER_", "PLUGIN"))}
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon", "serve", "--state-dir", str(tmp_path / "state"), *args],
+        [CONSOLE_SCRIPT, "serve", "--state-dir", str(tmp_path / "state"), *args],
         cwd=REPO,
         env={**environ, **(env or {})},
         stdout=stdout,
@@ -126,4 +131,151 @@ def test_invalid_settings_are_reported_by_name(tmp_path: Path) -> None:
     proc = run_serve(tmp_path, env={"SERVER_KEY": "k", "PLUGIN_INSTANCES": "0"})
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode != 0
-    assert "invalid settings: plugin_instances" in out
+    assert "invalid settings: PLUGIN_INSTANCES: " in out
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SERVER_", "PLUGIN", "LOG_LEVEL"))}
+    return subprocess.run(
+        [CONSOLE_SCRIPT, *args],
+        cwd=REPO,
+        env={**environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_invalid_environment_value_names_the_variable_and_a_flag_names_the_flag(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    out = run_cli("serve", "--state-dir", state, env={"SERVER_PORT": "abc"})
+    assert out.returncode != 0
+    assert "invalid settings: SERVER_PORT: " in out.stderr
+    assert "server_port" not in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("serve", "--state-dir", state, "--instances", "0")
+    assert out.returncode != 0
+    assert "invalid settings: --instances: " in out.stderr
+
+
+def test_a_missing_plugins_directory_or_a_file_stops_the_start(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    afile = tmp_path / "plugins.txt"
+    afile.write_text("not a directory")
+    for path, said in ((missing, "does not exist"), (afile, "is a file, not a directory")):
+        for command in ("serve", "install"):
+            out = run_cli(
+                command, "--plugins", str(path), *(["--state-dir", str(tmp_path)] * (command == "serve"))
+            )
+            assert out.returncode != 0, (command, path)
+            assert f"plugin-daemon: plugins directory {path} {said}" in out.stderr
+            assert "listening" not in out.stderr + out.stdout
+            assert "Traceback" not in out.stderr
+
+
+def test_an_empty_plugins_directory_is_a_warning_and_the_daemon_serves(tmp_path: Path) -> None:
+    empty = tmp_path / "plugins"
+    empty.mkdir()
+    port = free_port()
+    proc = run_serve(tmp_path, "--plugins", str(empty), "--port", str(port), env={"SERVER_KEY": "k"})
+    try:
+        response = wait_until_serving(f"http://127.0.0.1:{port}", "k")
+        assert response.status_code == 200
+        assert response.json()["plugins"] == []
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"WARNING daemon: plugins directory {empty} holds no plugin" in out
+
+
+def test_a_port_in_use_is_one_clear_line_a_failed_exit_and_no_plugin_started(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    copy_plugin("fastproto", plugins)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = run_serve(tmp_path, "--plugins", str(plugins), "--port", str(port), env={"SERVER_KEY": "k"})
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0
+    assert (
+        out.strip().splitlines()[-1]
+        == f"plugin-daemon: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "listening" not in out
+    assert "serving" not in out
+    assert "Traceback" not in out
+    for process in psutil.process_iter(["cmdline"]):
+        assert not any(str(plugins) in part for part in process.info["cmdline"] or []), process.info
+
+
+def test_listening_is_said_once_bound_with_the_port_really_taken(tmp_path: Path) -> None:
+    port = free_port()
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    proc = run_serve(tmp_path, "--plugins", str(plugins), "--port", str(port), env={"SERVER_KEY": "k"})
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "listening on" in line:
+                break
+        assert line.rstrip().endswith(f"INFO daemon: listening on http://127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass  # accepted: the socket was bound and listening when the line was written
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_log_level_is_a_flag_of_serve_validated_and_listed(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    port = free_port()
+    proc = run_serve(
+        tmp_path,
+        "--plugins",
+        str(plugins),
+        "--port",
+        str(port),
+        "--log-level",
+        "WARNING",
+        env={"SERVER_KEY": "k"},
+    )
+    try:
+        assert wait_until_serving(f"http://127.0.0.1:{port}", "k").status_code == 200
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "WARNING daemon: plugins directory" in out
+    assert "INFO" not in out  # the level took effect
+
+    out = run_cli("serve", "--log-level", "loud")
+    assert out.returncode == 2
+    assert "argument --log-level: invalid choice: 'loud'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli("serve", "--state-dir", str(tmp_path), env={"LOG_LEVEL": "loud"})
+    assert out.returncode != 0
+    assert out.stderr.strip() == (
+        "plugin-daemon: invalid LOG_LEVEL 'loud': use one of debug, info, warning, error, critical"
+    )
+
+
+def test_help_is_plain_text_with_defaults_levels_and_the_environment_only_settings() -> None:
+    top = run_cli("--help").stdout
+    serve = run_cli("serve", "--help").stdout
+    assert "``" not in top + serve
+    for shown in (
+        "--codec {orjson,json}",
+        "default orjson (CODEC)",
+        "processes per plugin; default 1 (PLUGIN_INSTANCES)",
+        "default 600 (PLUGIN_MAX_EXECUTION_TIMEOUT)",
+        "debug, info, warning, error, critical",
+        "settings only as environment variables:",
+    ):
+        assert shown in " ".join(serve.split()), shown
+    for variable in (
+        "SERVER_KEY",
+        "PLUGIN_READY_TIMEOUT",
+        "PLUGIN_LIVENESS_TIMEOUT",
+        "SESSION_BUFFER_BYTES",
+        "LOG_LEVEL",
+    ):
+        assert f"\n  {variable} " in serve, variable
