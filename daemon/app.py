@@ -27,6 +27,7 @@ from daemon.invocation import Invocation, new_session
 from daemon.manifest import ManifestError, ToolSpec, discover
 from daemon.metrics import RuntimeCollector
 from daemon.runtime import PluginPool, PluginUnavailable, Runtime
+from daemon.shutdown import Drain
 from daemon.storage import BackwardsServices, Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 
@@ -44,6 +45,7 @@ class Daemon:
         self.storage: Storage | None = None
         self.runtime: Runtime | None = None
         self._collector: RuntimeCollector | None = None
+        self.drain = Drain(settings.server_shutdown_drain_timeout)
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -107,6 +109,8 @@ def _tool(pool: PluginPool, provider: str, tool: str | None) -> ToolSpec | None:
 async def _dispatch(request: Request, action: str) -> Response:
     daemon: Daemon = request.app.state.daemon
     settings = daemon.settings
+    if daemon.drain.draining:
+        return _error(BadRequest(503, "the daemon is shutting down"))
     try:
         dispatch.check_key(request, daemon.server_key)
         tenant = dispatch.tenant_id(request)
@@ -145,7 +149,7 @@ async def _dispatch(request: Request, action: str) -> Response:
         design=settings.validator.value,
         traced=daemon.tracing.enabled,
     )
-    return invocation.response()  # type: ignore[return-value]
+    return daemon.drain.guard(session, invocation.response())  # type: ignore[return-value]
 
 
 async def invoke_tool(request: Request) -> Response:

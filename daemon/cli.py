@@ -122,6 +122,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from daemon.app import create_app
+    from daemon.shutdown import FINAL_EVENT_GRACE, DrainingServer
 
     try:
         check_backend(settings.validator_backend)
@@ -136,7 +137,7 @@ def serve(settings: Settings) -> None:
     except ImportError:
         loop = "asyncio"
     log.info("listening on http://%s:%d", settings.server_host, settings.server_port)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.server_host,
         port=settings.server_port,
@@ -144,8 +145,9 @@ def serve(settings: Settings) -> None:
         http="httptools",
         log_level="warning",
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=FINAL_EVENT_GRACE,
     )
+    DrainingServer(config, app.state.daemon.drain).run()
 
 
 async def _install(plugins_dir: Path) -> int:

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     session_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_request_body_bytes: int = Field(1024 * 1024, ge=1024)
 
+    # Hostile clients and operator events (README: "Security" and "Limits").
+    server_shutdown_drain_timeout: float = Field(30.0, ge=0)
+
     @property
     def key_file(self) -> Path:
         return self.state_dir / "server.key"
