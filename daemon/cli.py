@@ -42,7 +42,7 @@ FLAGS: list[tuple[str, str, dict[str, Any]]] = [
         "validator_backend",
         {
             "choices": [b.value for b in ValidatorBackend],
-            "help": "JSON Schema implementation (VALIDATOR_BACKEND, default jsonschema)",
+            "help": "JSON Schema implementation (VALIDATOR_BACKEND, default jsonschema-rs)",
         },
     ),
     ("--codec", "codec", {"choices": [c.value for c in CodecName], "help": "JSON codec (CODEC)"}),

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     plugins_dir: Path = Path("plugins")
     state_dir: Path = Path(".daemon-state")
     validator: ValidatorDesign = ValidatorDesign.OWNER
-    validator_backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
+    validator_backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA_RS
     codec: CodecName = CodecName.ORJSON
 
     plugin_max_execution_timeout: float = Field(600.0, gt=0)

@@ -20,11 +20,12 @@ from daemon.errors import (
     SLOW_CLIENT,
     VALIDATION_CRASH,
     VALIDATION_ERROR,
+    VALIDATION_TIMEOUT,
     VARIABLE_ERROR,
     SessionError,
 )
 from daemon.stream import Stream, StreamOverflow
-from daemon.validation import OutputVariables, VariableMessageError
+from daemon.validation import OutputVariables, ValidationTimeout, VariableMessageError
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,15 @@ class Session:
                         except VariableMessageError as exc:
                             raise SessionError(VARIABLE_ERROR, str(exc)) from None
             yield batch
+        if isinstance(self.close_failure, ValidationTimeout):
+            raise SessionError(VALIDATION_TIMEOUT, str(self.close_failure))
         if self.close_failure is not None:
             exc = self.close_failure
             raise SessionError(VALIDATION_CRASH, f"output validation crashed: {type(exc).__name__}: {exc}")
         if variables is not None:
-            verdict = variables.on_end_reached()
+            try:
+                verdict = variables.on_end_reached()
+            except ValidationTimeout as exc:
+                raise SessionError(VALIDATION_TIMEOUT, str(exc)) from None
             if verdict is not None:
                 raise SessionError(VALIDATION_ERROR, verdict)
