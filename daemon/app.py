@@ -24,6 +24,7 @@ from daemon.codec import get_codec, tool_request
 from daemon.config import Access, Settings
 from daemon.dispatch import BadRequest
 from daemon.invocation import Invocation, new_session
+from daemon.limits import BodyLimit, Budget
 from daemon.manifest import ManifestError, ToolSpec, discover
 from daemon.metrics import RuntimeCollector
 from daemon.runtime import PluginPool, PluginUnavailable, Runtime
@@ -46,6 +47,7 @@ class Daemon:
         self.runtime: Runtime | None = None
         self._collector: RuntimeCollector | None = None
         self.drain = Drain(settings.server_shutdown_drain_timeout)
+        self.buffers = Budget(settings.session_buffer_total_bytes)
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -128,7 +130,7 @@ async def _dispatch(request: Request, action: str) -> Response:
         return _error(exc)
     except PluginUnavailable as exc:
         return _error(BadRequest(503, str(exc)))
-    session = new_session(instance, tool, settings=settings, tenant_id=tenant)
+    session = new_session(instance, tool, settings=settings, tenant_id=tenant, budget=daemon.buffers)
     envelope = tool_request(
         session.id,
         user_id=parsed.user_id,
@@ -148,6 +150,7 @@ async def _dispatch(request: Request, action: str) -> Response:
         timeout=settings.plugin_max_execution_timeout,
         design=settings.validator.value,
         traced=daemon.tracing.enabled,
+        write_timeout=settings.client_write_timeout,
     )
     return daemon.drain.guard(session, invocation.response())  # type: ignore[return-value]
 
@@ -281,7 +284,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         Route("/debug/traces", debug_traces, methods=["GET"]),
         Route("/debug/login", debug_login, methods=["GET", "POST"]),
     ]
-    middleware = []
+    middleware = [Middleware(BodyLimit, limit=settings.max_request_body_bytes)]
     if tracing.enabled:
         templates = {route.endpoint: route.path for route in routes}
         middleware.append(Middleware(TracingMiddleware, routes=templates))

@@ -122,6 +122,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from daemon.app import create_app
+    from daemon.limits import protocol
     from daemon.shutdown import FINAL_EVENT_GRACE, DrainingServer
 
     try:
@@ -142,10 +143,12 @@ def serve(settings: Settings) -> None:
         host=settings.server_host,
         port=settings.server_port,
         loop=loop,
-        http="httptools",
+        http=protocol(settings.server_max_header_bytes, settings.server_request_read_timeout),
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=FINAL_EVENT_GRACE,
+        timeout_keep_alive=settings.server_keep_alive_timeout,
+        limit_concurrency=settings.server_max_connections,
     )
     DrainingServer(config, app.state.daemon.drain).run()
 

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
 
     # Hostile clients and operator events (README: "Security" and "Limits").
     server_shutdown_drain_timeout: float = Field(30.0, ge=0)
+    server_max_header_bytes: int = Field(64 * 1024, ge=1024)
+    server_request_read_timeout: float = Field(30.0, gt=0)
+    server_keep_alive_timeout: float = Field(5.0, gt=0)
+    server_max_connections: int = Field(1000, ge=1)
+    client_write_timeout: float = Field(60.0, gt=0)
+    session_buffer_total_bytes: int = Field(256 * 1024 * 1024, ge=1024)
 
     @property
     def key_file(self) -> Path:

@@ -24,6 +24,7 @@ from daemon.errors import (
     VARIABLE_ERROR,
     SessionError,
 )
+from daemon.limits import Budget
 from daemon.stream import Stream, StreamOverflow
 from daemon.validation import OutputVariables, ValidationTimeout, VariableMessageError
 
@@ -40,12 +41,13 @@ class Session:
         variables: OutputVariables | None,
         tenant_id: str,
         plugin_id: str,
+        budget: Budget | None = None,
     ) -> None:
         self.id = session_id
         self.tenant_id = tenant_id
         self.plugin_id = plugin_id
         self.variables = variables
-        self.stream: Stream[Any] = Stream(loop, buffer_bytes)
+        self.stream: Stream[Any] = Stream(loop, buffer_bytes, budget)
         self.trace_context: Context | None = None  # the session span, for work on other threads
         self.decode_seconds = 0.0  # accumulated by the reader thread
         self.close_failure: BaseException | None = None
@@ -70,10 +72,11 @@ class Session:
             if not self._overflow_logged:
                 self._overflow_logged = True
                 log.warning(
-                    "session %s (tenant %s, plugin %s): the client fell too far behind; ending it",
+                    "session %s (tenant %s, plugin %s): the client fell too far behind (%s); ending it",
                     self.id,
                     self.tenant_id,
                     self.plugin_id,
+                    self.stream.error,
                 )
             self.close()
 

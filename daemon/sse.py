@@ -35,20 +35,33 @@ class EventStreamResponse:
         self,
         produce: Callable[[SendBody], Awaitable[None]],
         on_disconnect: Callable[[], None],
+        *,
+        write_timeout: float | None = None,
+        on_stall: Callable[[], None] | None = None,
     ) -> None:
         self._produce = produce
         self._on_disconnect = on_disconnect
+        # A client that stops reading blocks ``send`` once the socket buffers fill; past
+        # ``write_timeout`` it is treated as gone (``on_stall``) and its connection closed.
+        self._write_timeout = write_timeout
+        self._on_stall = on_stall or on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         gone = False
 
         async def send_body(body: bytes) -> None:
+            nonlocal gone
             if gone:
                 raise ClientGone
             try:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                with anyio.fail_after(self._write_timeout):
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
             except OSError:
+                raise ClientGone from None
+            except TimeoutError:
+                gone = True
+                self._on_stall()
                 raise ClientGone from None
 
         async with anyio.create_task_group() as tasks:
@@ -67,8 +80,9 @@ class EventStreamResponse:
             try:
                 await self._produce(send_body)
             except ClientGone:
-                gone = True
-                self._on_disconnect()
+                if not gone:
+                    gone = True
+                    self._on_disconnect()
             tasks.cancel_scope.cancel()
         if not gone:
             with contextlib.suppress(OSError):
