@@ -121,6 +121,7 @@ def server_key(settings: Settings) -> str:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from daemon import isolation
     from daemon.app import create_app
     from daemon.limits import protocol
     from daemon.shutdown import FINAL_EVENT_GRACE, DrainingServer
@@ -130,6 +131,8 @@ def serve(settings: Settings) -> None:
     except BackendUnavailable as exc:
         sys.exit(f"plugin-daemon: {exc}")
     key = server_key(settings)
+    isolation.prepare_state_dir(settings.state_dir, settings.plugin_isolation)
+    isolation.harden_daemon()
     app = create_app(settings, key)
     try:
         import uvloop  # noqa: F401
@@ -149,6 +152,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=FINAL_EVENT_GRACE,
         timeout_keep_alive=settings.server_keep_alive_timeout,
         limit_concurrency=settings.server_max_connections,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     DrainingServer(config, app.state.daemon.drain).run()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     server_max_connections: int = Field(1000, ge=1)
     client_write_timeout: float = Field(60.0, gt=0)
     session_buffer_total_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    forwarded_allow_ips: str = "127.0.0.1,::1"  # uvicorn's own variable: the proxies it believes
+    plugin_isolation: Literal["none", "uid"] = "none"  # README: "Security"
+    plugin_uid_base: int = Field(200_000, ge=1000)
 
     @property
     def key_file(self) -> Path:

@@ -42,7 +42,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from daemon import codec as wire
-from daemon import metrics
+from daemon import isolation, metrics
 from daemon.codec import Codec
 from daemon.config import Settings
 from daemon.errors import INSTANCE_DIED, SHUTDOWN, SessionError
@@ -152,7 +152,10 @@ class PluginInstance:
     async def _start(self) -> None:
         cmd = [str(self._python), "-m", self.spec.entrypoint]
         if _SETPRIV:
-            cmd = [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
+            drop = isolation.setpriv_args(
+                self.spec.id, self._settings.plugin_isolation, self._settings.plugin_uid_base
+            )
+            cmd = [_SETPRIV, "--pdeathsig", "KILL", *drop, "--", *cmd]
         # Popen runs on the loop thread on purpose: PDEATHSIG fires when the *thread*
         # that forked the child exits, and the loop thread lives as long as we do.
         self._proc = subprocess.Popen(
