@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from daemon.testing import REPO, Daemon, copy_plugin
@@ -137,3 +138,23 @@ def test_under_uid_isolation_a_plugin_reaches_no_secret_and_no_tenant_data(
     assert report["key_file"] == "PermissionError"
     assert report["storage"] in ("PermissionError", "FileNotFoundError")
     assert report["metrics"] == "http 401"
+
+
+def test_local_means_the_same_for_uvicorn_and_the_access_check(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    """A proxy on 127.0.0.2 (not a trusted one) forwarding a remote client does not make it local."""
+    daemon = start(fastproto())
+
+    def metrics(source: str, headers: dict[str, str]) -> int:
+        transport = httpx.HTTPTransport(local_address=source)
+        with httpx.Client(transport=transport, timeout=30) as client:
+            return client.get(f"{daemon.url}/metrics", headers=headers).status_code
+
+    remote = {"X-Forwarded-For": "203.0.113.9"}
+    assert metrics("127.0.0.2", remote) == 401  # untrusted proxy speaking for a remote client
+    assert metrics("127.0.0.1", remote) == 401  # trusted proxy: uvicorn resolves the remote client
+    assert metrics("127.0.0.2", {"Forwarded": "for=203.0.113.9"}) == 401
+    assert metrics("127.0.0.2", {}) == 200  # a local client, directly
+    assert metrics("127.0.0.1", {"X-Forwarded-For": "127.0.0.1"}) == 200  # trusted proxy, local client
+    assert metrics("127.0.0.2", {**remote, "X-Api-Key": daemon.key}) == 200
