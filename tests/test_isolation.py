@@ -80,7 +80,10 @@ def probe_plugins(root: Path) -> Path:
 def run_probe(daemon: Daemon, plugins: Path, state: Path) -> dict[str, Any]:
     daemon.wait_ready(PROBE)
     config = {"url": daemon.url, "state": str(state), "key": daemon.key}
-    (plugins / "probe" / "probe.json").write_text(json.dumps(config))
+    staged = plugins / "probe" / "probe.json.new"
+    staged.write_text(json.dumps(config))
+    staged.chmod(0o644)
+    staged.replace(plugins / "probe" / "probe.json")  # whole, or not at all
     deadline_log = ""
     for _ in range(600):
         deadline_log = daemon.log_path.read_text(errors="replace")
