@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -64,13 +65,14 @@ class Drain:
 
         return app
 
-    async def run(self) -> None:
-        """Wait up to the drain period, then end every remaining session and wait for its end."""
-        self.draining = True
-        if self._sessions:
-            log.info("draining %d session(s) for up to %g s", len(self._sessions), self.period)
+    async def idle(self, timeout: float) -> bool:
+        """Wait until no session is in flight, at most ``timeout``; True if none is."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), self.period)
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return not self._sessions
+
+    def end_remaining(self) -> None:
+        """End every session still in flight with the shutdown error, as its final event."""
         if not self._sessions:
             return
         log.warning("ending %d session(s) still running after the drain period", len(self._sessions))
@@ -79,8 +81,6 @@ class Drain:
         )
         for session in list(self._sessions):
             session.fail(error)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), FINAL_EVENT_GRACE)
 
 
 class DrainingServer(uvicorn.Server):
@@ -98,5 +98,22 @@ class DrainingServer(uvicorn.Server):
         # Idle keep-alive connections close now; busy ones close after their response.
         for connection in list(self.server_state.connections):
             connection.shutdown()
-        await self.drain.run()
+        drain = self.drain
+        drain.draining = True
+        if drain.active:
+            log.info("draining %d session(s) for up to %g s", drain.active, drain.period)
+        # A second Ctrl-C (uvicorn's force_exit) cuts the drain short; the sessions still get
+        # their final event, with a second for it to leave.
+        await self._unless_forced(drain.idle(drain.period))
+        drain.end_remaining()
+        if self.force_exit:
+            await drain.idle(1.0)
+        else:
+            await self._unless_forced(drain.idle(FINAL_EVENT_GRACE))
         await super().shutdown(sockets)
+
+    async def _unless_forced(self, waiting: Coroutine[Any, Any, bool]) -> None:
+        task = asyncio.ensure_future(waiting)
+        while not task.done() and not self.force_exit:
+            await asyncio.wait({task}, timeout=0.1)
+        task.cancel()

@@ -90,3 +90,22 @@ def test_sigterm_drains_then_ends_every_stream_with_a_named_error(
     assert daemon.proc.wait(60) in (0, -signal.SIGTERM)
     log = daemon.log()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+
+
+def test_a_second_ctrl_c_ends_the_drain_at_once_with_the_named_error(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto(), server_shutdown_drain_timeout=3600)
+    daemon.wait_ready(FP)
+    streams = [read_stream(daemon, {"count": 1, "hang": True}) for _ in range(3)]
+    for stream, _ in streams:
+        assert stream.started.wait(60)
+    daemon.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first one starts the drain, the second cuts it
+    daemon.proc.send_signal(signal.SIGINT)
+    for stream, thread in streams:
+        thread.join(120)  # far less than the drain period: the drain did not run out
+        assert not thread.is_alive()
+        assert stream.failure is None and stream.pending == b""
+        assert "DaemonShuttingDownError" in stream.events[-1].raw["message"]
+    daemon.proc.wait(60)
