@@ -15,6 +15,7 @@ callers across all sessions together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 
@@ -33,7 +34,6 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
 
     class GuardedProtocol(HttpToolsProtocol):
         _head_bytes = 0  # bytes read while a head is incomplete
-        _exact = 0  # bytes of the current head's URL and headers
         _in_head = True
         _deadline: asyncio.TimerHandle | None = None
 
@@ -56,21 +56,10 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
             if over and not self.transport.is_closing():
                 self._refuse(431, f"request head larger than {max_head_bytes} bytes")
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._exact = 0
-
-        def on_url(self, url: bytes) -> None:
-            self._exact += len(url)
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._exact += len(name) + len(value) + 4
-            super().on_header(name, value)
-
         def on_headers_complete(self) -> None:
             self._in_head = False
-            if self._exact <= max_head_bytes:
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size <= max_head_bytes:
                 super().on_headers_complete()
                 return
             # The head arrived whole in one read: answer it with a 431 app instead of ours.
@@ -146,11 +135,14 @@ class BodyLimit:
             return
         limit = self.limit
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await self._refuse(send)
+            if name == b"content-length":
+                # A declared length frames the body exactly: within the limit, nothing to count.
+                if value.isdigit() and int(value) <= limit:
+                    await self.app(scope, receive, send)
+                else:
+                    await self._refuse(send)
                 return
         received = 0
-        started = False
 
         async def bounded_receive() -> Message:
             nonlocal received
@@ -161,15 +153,10 @@ class BodyLimit:
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, bounded_receive, tracking_send)
+            await self.app(scope, bounded_receive, send)
         except BodyTooLarge:
-            if not started:
+            with contextlib.suppress(RuntimeError):  # unless the route had begun its answer
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:

@@ -9,6 +9,7 @@ disconnect ends the session at once instead of at the next write.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -49,20 +50,19 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         gone = False
+        pending_since: float | None = None  # when the send in progress began
+        clock = time.monotonic
 
         async def send_body(body: bytes) -> None:
-            nonlocal gone
+            nonlocal pending_since
             if gone:
                 raise ClientGone
+            pending_since = clock()
             try:
-                with anyio.fail_after(self._write_timeout):
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                await send({"type": "http.response.body", "body": body, "more_body": True})
             except OSError:
                 raise ClientGone from None
-            except TimeoutError:
-                gone = True
-                self._on_stall()
-                raise ClientGone from None
+            pending_since = None
 
         async with anyio.create_task_group() as tasks:
 
@@ -76,7 +76,22 @@ class EventStreamResponse:
                         tasks.cancel_scope.cancel()
                         return
 
+            async def watch_stall(limit: float) -> None:
+                # One timer per response instead of a deadline around every send.
+                nonlocal gone
+                while True:
+                    started = pending_since
+                    waited = 0.0 if started is None else clock() - started
+                    if waited >= limit:
+                        gone = True
+                        self._on_stall()
+                        tasks.cancel_scope.cancel()
+                        return
+                    await anyio.sleep(limit - waited if started is not None else limit / 4)
+
             tasks.start_soon(watch_disconnect)
+            if self._write_timeout is not None:
+                tasks.start_soon(watch_stall, self._write_timeout)
             try:
                 await self._produce(send_body)
             except ClientGone:
