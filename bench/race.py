@@ -32,7 +32,7 @@ import httpx
 
 from daemon.testing import PLUGINS, SSEReader, copy_plugin, start_daemon
 
-EXPECTED_INVALID = "output variable 'done' failed 'type': 'not-a-bool' is not of type 'boolean'"
+EXPECTED_INVALID = "output variable 'done' failed 'type': \"not-a-bool\" is not of type \"boolean\""
 
 
 def classify(valid: bool, events: list[Any]) -> str:

@@ -23,11 +23,13 @@ from daemon import __version__, access, dispatch, metrics, tracepage
 from daemon.config import Access, Settings
 from daemon.dispatch import BadRequest
 from daemon.invocation import Invocation, new_session
+from daemon.limits import BodyLimit, Budget
 from daemon.manifest import ManifestError, ToolSpec, discover
 from daemon.metrics import RuntimeCollector
 from daemon.runtime import PluginPool, PluginUnavailable, Runtime
 from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.tcp import RemotePlugin
+from daemon.shutdown import Drain
 from daemon.storage import Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 from daemon.wire import get_codec, tool_request
@@ -46,6 +48,8 @@ class Daemon:
         self.storage: Storage | None = None
         self.runtime: Runtime | None = None
         self._collector: RuntimeCollector | None = None
+        self.drain = Drain(settings.server_shutdown_drain_timeout)
+        self.buffers = Budget(settings.session_buffer_total_bytes)
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -109,6 +113,8 @@ def _tool(pool: PluginPool | RemotePlugin, provider: str, tool: str | None) -> T
 async def _dispatch(request: Request, action: str) -> Response:
     daemon: Daemon = request.app.state.daemon
     settings = daemon.settings
+    if daemon.drain.draining:
+        return _error(BadRequest(503, "the daemon is shutting down"))
     try:
         dispatch.check_key(request, daemon.server_key)
         tenant = dispatch.tenant_id(request)
@@ -126,7 +132,7 @@ async def _dispatch(request: Request, action: str) -> Response:
         return _error(exc)
     except PluginUnavailable as exc:
         return _error(BadRequest(503, str(exc)))
-    session = new_session(instance, tool, settings=settings, tenant_id=tenant)
+    session = new_session(instance, tool, settings=settings, tenant_id=tenant, budget=daemon.buffers)
     envelope = tool_request(
         session.id,
         user_id=parsed.user_id,
@@ -146,8 +152,9 @@ async def _dispatch(request: Request, action: str) -> Response:
         timeout=settings.plugin_max_execution_timeout,
         design=settings.validator.value,
         traced=daemon.tracing.enabled,
+        write_timeout=settings.client_write_timeout,
     )
-    return invocation.response()  # type: ignore[return-value]
+    return daemon.drain.guard(session, invocation.response())  # type: ignore[return-value]
 
 
 async def invoke_tool(request: Request) -> Response:
@@ -288,7 +295,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         Route("/debug/traces", debug_traces, methods=["GET"]),
         Route("/debug/login", debug_login, methods=["GET", "POST"]),
     ]
-    middleware = []
+    middleware = [Middleware(BodyLimit, limit=settings.max_request_body_bytes)]
     if tracing.enabled:
         templates = {route.endpoint: route.path for route in routes}
         untraced = [p.strip() for p in settings.trace_untraced_paths.split(",") if p.strip()]

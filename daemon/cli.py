@@ -221,7 +221,10 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from daemon import isolation
     from daemon.app import create_app
+    from daemon.limits import protocol
+    from daemon.shutdown import FINAL_EVENT_GRACE, DrainingServer
 
     try:
         check_backend(settings.validator_backend)
@@ -229,6 +232,8 @@ def serve(settings: Settings) -> None:
         sys.exit(f"plugin-daemon: {exc}")
     check_plugins_dir(settings.plugins_dir)
     key = server_key(settings)
+    isolation.prepare_state_dir(settings.state_dir, settings.plugin_isolation)
+    isolation.harden_daemon()
     sock = bind(settings.server_host, settings.server_port)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
@@ -237,12 +242,15 @@ def serve(settings: Settings) -> None:
     config = uvicorn.Config(
         app,
         loop=loop,
-        http="httptools",
+        http=protocol(settings.server_max_header_bytes, settings.server_request_read_timeout),
         log_level="warning",
         lifespan="on",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=FINAL_EVENT_GRACE,
+        timeout_keep_alive=settings.server_keep_alive_timeout,
+        limit_concurrency=settings.server_max_connections,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.daemon.drain)
     with sock:
         server.run(sockets=[sock])
     if not server.started:

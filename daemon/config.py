@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,7 +66,7 @@ class Settings(BaseSettings):
         ValidatorDesign.OWNER, description="output validation design; none skips validation"
     )
     validator_backend: ValidatorBackend = Field(
-        ValidatorBackend.JSONSCHEMA, description="JSON Schema implementation"
+        ValidatorBackend.JSONSCHEMA_RS, description="JSON Schema implementation"
     )
     codec: CodecName = Field(CodecName.ORJSON, description="JSON codec of the hot path")
 
@@ -112,6 +113,32 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1024, description="per-session buffer between a plugin and a slow caller"
     )
     max_request_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest request body")
+
+    # Hostile clients and operator events (README: "Security" and "Limits").
+    server_shutdown_drain_timeout: float = Field(
+        30.0, ge=0, description="seconds sessions may finish after SIGTERM before they are ended"
+    )
+    server_max_header_bytes: int = Field(64 * 1024, ge=1024, description="largest request head (431 above)")
+    server_request_read_timeout: float = Field(
+        30.0, gt=0, description="seconds to read a request head and body (408 after)"
+    )
+    server_keep_alive_timeout: float = Field(
+        5.0, gt=0, description="seconds an idle keep-alive connection stays open"
+    )
+    server_max_connections: int = Field(1000, ge=1, description="connections at once (503 above)")
+    client_write_timeout: float = Field(
+        60.0, gt=0, description="seconds a client that stops reading keeps its session"
+    )
+    session_buffer_total_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="bytes buffered across every session's stream"
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1,::1", description="proxies whose X-Forwarded-For is believed (uvicorn's variable)"
+    )
+    plugin_isolation: Literal["none", "uid"] = Field(
+        "none", description="uid: each plugin runs under its own unprivileged uid (needs root)"
+    )
+    plugin_uid_base: int = Field(200_000, ge=1000, description="first uid of PLUGIN_ISOLATION=uid")
 
     @property
     def key_file(self) -> Path:

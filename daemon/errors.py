@@ -29,6 +29,7 @@ class SessionError(Exception):
 # Error types the daemon itself produces (plugins bring their own).
 VALIDATION_ERROR = "ToolOutputValidationError"
 VALIDATION_CRASH = "ToolOutputValidationCrash"
+VALIDATION_TIMEOUT = "ToolOutputValidationTimeout"
 VARIABLE_ERROR = "ToolOutputVariableError"
 INSTANCE_DIED = "PluginInstanceDiedError"
 SLOW_CLIENT = "SlowClientError"

@@ -21,6 +21,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 from daemon import metrics, wire
 from daemon.config import Settings
 from daemon.errors import CLIENT_GONE, SLOW_CLIENT, TIMEOUT, SessionError
+from daemon.limits import Budget
 from daemon.manifest import ToolSpec
 from daemon.runtime import PluginInstance
 from daemon.session import Session
@@ -46,6 +47,7 @@ class Invocation:
         timeout: float,
         design: str,
         traced: bool = True,
+        write_timeout: float | None = None,
     ) -> None:
         self.instance = instance
         self.request = request
@@ -61,13 +63,21 @@ class Invocation:
         self.first_event_at: float | None = None
         self.outcome = "pending"
         self.error = ""  # "<type>: <message>" of a failed session, for its span's status
+        self.write_timeout = write_timeout
 
     def response(self) -> EventStreamResponse:
-        return EventStreamResponse(self.relay, self.client_gone)
+        return EventStreamResponse(
+            self.relay, self.client_gone, write_timeout=self.write_timeout, on_stall=self.client_stalled
+        )
 
     def client_gone(self) -> None:
         self.outcome = CLIENT_GONE
         self.session.close(SessionError(CLIENT_GONE, "the client disconnected"))
+
+    def client_stalled(self) -> None:
+        self.outcome = SLOW_CLIENT
+        message = f"the client read nothing for {self.write_timeout:g} s"
+        self.session.close(SessionError(SLOW_CLIENT, message))
 
     async def relay(self, send_body: SendBody) -> None:
         series = metrics.invocation_series(self.instance.spec.id, self.operation)
@@ -144,6 +154,7 @@ class Invocation:
             self.instance.release(session)
             if not session.closed:
                 session.close()
+            session.stream.discard()
 
     def _record(self, series: metrics.InvocationSeries, span: Span, started: float) -> None:
         """Metrics and span attributes, once per session: never per message."""
@@ -192,6 +203,7 @@ def new_session(
     *,
     settings: Settings,
     tenant_id: str,
+    budget: Budget | None = None,
 ) -> Session:
     variables = new_variables(settings.validator, tool.output_schema if tool is not None else None)
     return Session(
@@ -201,4 +213,5 @@ def new_session(
         variables=variables,
         tenant_id=tenant_id,
         plugin_id=instance.spec.id,
+        budget=budget,
     )

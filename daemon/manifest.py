@@ -2,12 +2,23 @@
 
 Only what the daemon acts on is kept: identity, the runner, each tool's parameters
 and compiled ``output_schema``. A directory that does not load is reported with a
-message saying which file and field is wrong, and the daemon serves the others.
+short message saying which file and field is wrong, and the daemon serves the others.
+
+A plugin directory is untrusted input. Every file read must be a regular file inside
+the plugin's directory (no absolute paths, no ``..``, no symlink out, no FIFO or
+device), at most :data:`MAX_FILE_BYTES`, UTF-8, and parse to at most
+:data:`MAX_NODES` YAML nodes (shared aliases counted at each use: the
+"billion laughs") nested at most :data:`MAX_DEPTH` deep. Those bounds also bound the
+time parsing takes. Two directories claiming the same ``author/name`` are both
+refused: whichever sorted first would otherwise take the other's storage namespace.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +30,11 @@ from daemon.config import ValidatorBackend
 from daemon.validation import OutputSchema, SchemaDeclarationError
 
 _NAME = re.compile(r"^[a-z0-9_][a-z0-9_.-]{0,127}$", re.IGNORECASE)
+MAX_FILE_BYTES = 1024 * 1024
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+MAX_REASON = 300  # characters of a load error kept for /plugins and the log
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ManifestError(ValueError):
@@ -53,15 +69,62 @@ class PluginSpec:
         return f"{self.author}/{self.name}"
 
 
-def _load_yaml(path: Path) -> Mapping[str, Any]:
+def _read(path: Path, root: Path) -> str:
+    """The text of ``path`` if it is a bounded, regular, UTF-8 file inside ``root``."""
+    where = path.relative_to(root) if path.is_relative_to(root) else path
+    if not path.resolve().is_relative_to(root):
+        raise ManifestError(f"{where}: refused, the path leads outside the plugin directory")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise ManifestError(f"{path} is missing") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ManifestError(f"{path} is not readable YAML: {exc}") from None
+        raise ManifestError(f"{where} is missing") from None
+    except OSError as exc:
+        raise ManifestError(f"{where} is not readable: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ManifestError(f"{where}: refused, not a regular file")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ManifestError(f"{where}: refused, larger than {MAX_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{where} is not UTF-8 (byte {exc.start})") from None
+
+
+def _bounded(data: Any, where: Path) -> None:
+    """Refuse a document that is huge once its aliases are expanded, or nested too deep."""
+    nodes = 0
+    stack = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ManifestError(f"{where}: refused, over {MAX_NODES} YAML nodes once aliases are expanded")
+        if depth > MAX_DEPTH:
+            raise ManifestError(f"{where}: refused, nested deeper than {MAX_DEPTH}")
+        if isinstance(node, Mapping):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _load_yaml(path: Path, root: Path) -> Mapping[str, Any]:
+    text = _read(path, root)
+    where = path.relative_to(root) if path.is_relative_to(root) else path
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:  # the problem and where, never the quoted contents
+        mark = exc.problem_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ManifestError(f"{where} is not readable YAML: {exc.problem or exc.context}{at}") from None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{where} is not readable YAML: {type(exc).__name__}") from None
+    except RecursionError:
+        raise ManifestError(f"{where}: refused, nested too deep") from None
+    _bounded(data, where)
     if not isinstance(data, Mapping):
-        raise ManifestError(f"{path} must hold a mapping at the top level")
+        raise ManifestError(f"{where} must hold a mapping at the top level")
     return data
 
 
@@ -80,8 +143,10 @@ def _name(value: Any, what: str, where: Path) -> str:
     return value
 
 
-def load_tool(path: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA) -> ToolSpec:
-    data = _load_yaml(path)
+def load_tool(
+    path: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA, root: Path | None = None
+) -> ToolSpec:
+    data = _load_yaml(path, root or path.parent.resolve())
     name = _name(_field(data, "identity.name", path), "identity.name", path)
     parameters = data.get("parameters") or []
     if not isinstance(parameters, list):
@@ -102,11 +167,11 @@ def load_provider(
     root: Path, relative: str, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
 ) -> ProviderSpec:
     path = root / relative
-    data = _load_yaml(path)
+    data = _load_yaml(path, root)
     name = _name(_field(data, "identity.name", path), "identity.name", path)
     tools: dict[str, ToolSpec] = {}
     for tool_file in data.get("tools") or []:
-        tool = load_tool(root / str(tool_file), backend)
+        tool = load_tool(root / str(tool_file), backend, root)
         tools[tool.name] = tool
     return ProviderSpec(name, tools)
 
@@ -114,7 +179,7 @@ def load_provider(
 def load_plugin(root: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA) -> PluginSpec:
     root = root.resolve()
     path = root / "manifest.yaml"
-    data = _load_yaml(path)
+    data = _load_yaml(path, root)
     runner = _field(data, "meta.runner", path)
     if not isinstance(runner, Mapping):
         raise ManifestError(f"{path}: 'meta.runner' must be a mapping")
@@ -157,5 +222,19 @@ def discover(
         try:
             specs.append(load_plugin(child, backend))
         except ManifestError as exc:
-            errors[child.name] = str(exc)
-    return specs, errors
+            errors[child.name] = _short(str(exc))
+        except Exception as exc:  # a plugin directory must never stop the daemon from starting
+            errors[child.name] = _short(f"could not be loaded: {type(exc).__name__}: {exc}")
+    claims: dict[str, list[PluginSpec]] = defaultdict(list)
+    for spec in specs:
+        claims[spec.id].append(spec)
+    for plugin_id, claimants in claims.items():
+        if len(claimants) > 1:
+            names = ", ".join(spec.path.name for spec in claimants)
+            for spec in claimants:
+                errors[spec.path.name] = f"plugin id {plugin_id} is claimed by {names}; none is loaded"
+    return [spec for spec in specs if len(claims[spec.id]) == 1], errors
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"

@@ -20,11 +20,13 @@ from daemon.errors import (
     SLOW_CLIENT,
     VALIDATION_CRASH,
     VALIDATION_ERROR,
+    VALIDATION_TIMEOUT,
     VARIABLE_ERROR,
     SessionError,
 )
+from daemon.limits import Budget
 from daemon.stream import Stream, StreamOverflow
-from daemon.validation import OutputVariables, VariableMessageError
+from daemon.validation import OutputVariables, ValidationTimeout, VariableMessageError
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +41,13 @@ class Session:
         variables: OutputVariables | None,
         tenant_id: str,
         plugin_id: str,
+        budget: Budget | None = None,
     ) -> None:
         self.id = session_id
         self.tenant_id = tenant_id
         self.plugin_id = plugin_id
         self.variables = variables
-        self.stream: Stream[Any] = Stream(loop, buffer_bytes)
+        self.stream: Stream[Any] = Stream(loop, buffer_bytes, budget)
         self.trace_context: Context | None = None  # the session span, for work on other threads
         self.decode_seconds = 0.0  # accumulated by the reader thread
         self.close_failure: BaseException | None = None
@@ -69,10 +72,11 @@ class Session:
             if not self._overflow_logged:
                 self._overflow_logged = True
                 log.warning(
-                    "session %s (tenant %s, plugin %s): the client fell too far behind; ending it",
+                    "session %s (tenant %s, plugin %s): the client fell too far behind (%s); ending it",
                     self.id,
                     self.tenant_id,
                     self.plugin_id,
+                    self.stream.error,
                 )
             self.close()
 
@@ -117,10 +121,15 @@ class Session:
                         except VariableMessageError as exc:
                             raise SessionError(VARIABLE_ERROR, str(exc)) from None
             yield batch
+        if isinstance(self.close_failure, ValidationTimeout):
+            raise SessionError(VALIDATION_TIMEOUT, str(self.close_failure))
         if self.close_failure is not None:
             exc = self.close_failure
             raise SessionError(VALIDATION_CRASH, f"output validation crashed: {type(exc).__name__}: {exc}")
         if variables is not None:
-            verdict = variables.on_end_reached()
+            try:
+                verdict = variables.on_end_reached()
+            except ValidationTimeout as exc:
+                raise SessionError(VALIDATION_TIMEOUT, str(exc)) from None
             if verdict is not None:
                 raise SessionError(VALIDATION_ERROR, verdict)

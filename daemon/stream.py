@@ -14,6 +14,8 @@ Semantics the rest of the daemon relies on:
 * The buffer is bounded in bytes: a producer that would exceed it closes the
   stream with :class:`StreamOverflow` instead of blocking, so one slow consumer
   never stalls the producer thread (and with it every other session of a plugin).
+  A shared :class:`~daemon.limits.Budget` bounds the bytes of all streams together
+  the same way; ``discard()`` returns what nobody will receive any more.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
+from daemon.limits import Budget
+
 T = TypeVar("T")
 
 
@@ -33,8 +37,9 @@ class StreamOverflow(Exception):
 
 
 class Stream(Generic[T]):
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_bytes: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_bytes: int, budget: Budget | None = None) -> None:
         self._loop = loop
+        self._budget = budget
         self._loop_thread = threading.get_ident()
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
@@ -55,6 +60,10 @@ class Stream(Generic[T]):
         return isinstance(self._error, StreamOverflow)
 
     @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
     def buffered_bytes(self) -> int:
         return self._bytes
 
@@ -64,10 +73,18 @@ class Stream(Generic[T]):
             if self._closed:
                 return False
             accepted = self._bytes + nbytes <= self._max_bytes
+            shared = accepted and (self._budget is None or self._budget.take(nbytes))
             if not accepted:
                 self._closed = True
                 self._error = StreamOverflow(
                     f"the client fell more than {self._max_bytes} bytes behind the plugin"
+                )
+            elif not shared:
+                accepted = False
+                self._closed = True
+                self._error = StreamOverflow(
+                    "the daemon's buffers for slow clients are full "
+                    f"({self._budget.limit if self._budget else 0} bytes across all sessions)"
                 )
             else:
                 self._items.extend(items)
@@ -76,6 +93,14 @@ class Stream(Generic[T]):
             waiter, self._waiter = self._waiter, None
         self._wake(waiter)
         return accepted
+
+    def discard(self) -> None:
+        """Drop what is still queued (its consumer is gone) and return it to the budget."""
+        with self._lock:
+            self._items.clear()
+            if self._budget is not None:
+                self._budget.give(self._bytes)
+            self._bytes = 0
 
     def close(self, error: BaseException | None = None) -> bool:
         """End the stream; return True if this call closed it."""
@@ -95,6 +120,8 @@ class Stream(Generic[T]):
                 if self._items:
                     batch = list(self._items)
                     self._items.clear()
+                    if self._budget is not None:
+                        self._budget.give(self._bytes)
                     self._bytes = 0
                     self.received_items += len(batch)
                     return batch

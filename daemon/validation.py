@@ -13,23 +13,33 @@ validates is the design:
             of the stream, and the consumer validates when it reaches it.
 ``none``    no map and no validation: the benchmarks' baseline.
 
-The schema itself is checked by one of two backends: the pure-Python
-``jsonschema`` (default) or the optional, much faster ``jsonschema-rs``. The
-design decides *when* validation runs; the backend only how long it takes.
+The schema itself is checked by one of two backends: ``jsonschema-rs``
+(default: compiled, the same verdicts, linear-time patterns) or the pure-Python
+``jsonschema``. The design decides *when* validation runs; the backend only how
+long it takes.
+
+No declaration may make a check unbounded, as a check may run on the event loop:
+a declaration whose expansion (YAML aliases and ``$ref`` followed, each use counted)
+exceeds :data:`MAX_SCHEMA_NODES` is refused at load (the ``anyOf``/``allOf`` alias
+bombs that are exponential to walk); the Python backend evaluates ``pattern`` and
+``patternProperties`` with jsonschema-rs's linear-time regex engine instead of
+``re`` (``^(a+)+$`` is exponential there, and ``re`` holds the GIL throughout), and
+gives up after :data:`CHECK_DEADLINE` seconds with :class:`ValidationTimeout`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol
 
 import jsonschema
 from jsonschema.exceptions import best_match
-from jsonschema.validators import validator_for
+from jsonschema.validators import extend, validator_for
 from opentelemetry import trace
 from opentelemetry.context import Context
 
@@ -47,6 +57,107 @@ class VariableMessageError(ValueError):
     """A variable message that cannot be applied (for example a non-string chunk)."""
 
 
+class ValidationTimeout(RuntimeError):
+    """A check that ran past :data:`CHECK_DEADLINE`; its session fails instead of the daemon stalling."""
+
+
+MAX_SCHEMA_NODES = 20_000  # a real output_schema has tens to hundreds
+MAX_SCHEMA_DEPTH = 64
+CHECK_DEADLINE = 2.0  # seconds; the Python backend stops there (jsonschema-rs needs microseconds)
+
+
+def expanded_size(schema: Any, limit: int = MAX_SCHEMA_NODES) -> int:
+    """Nodes a validator may walk: shared nodes and local ``$ref`` targets counted at each use.
+
+    Raises :class:`SchemaDeclarationError` above ``limit`` or :data:`MAX_SCHEMA_DEPTH`. A ``$ref``
+    back into a schema being walked (recursion) is counted once: it is bounded by the instance.
+    """
+    count = 0
+
+    def target(ref: str) -> Any:
+        node: Any = schema
+        for part in ref[1:].lstrip("/").split("/") if ref != "#" else []:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return None
+        return node
+
+    def walk(node: Any, depth: int, refs: tuple[str, ...]) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise SchemaDeclarationError(
+                f"invalid output_schema: it expands to more than {limit} subschemas "
+                "(aliases or $ref used many times over)"
+            )
+        if depth > MAX_SCHEMA_DEPTH:
+            raise SchemaDeclarationError(f"invalid output_schema: nested deeper than {MAX_SCHEMA_DEPTH}")
+        if isinstance(node, Mapping):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#") and ref not in refs:
+                found = target(ref)
+                if found is not None:
+                    walk(found, depth + 1, (*refs, ref))
+            for value in node.values():
+                walk(value, depth + 1, refs)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, depth + 1, refs)
+
+    walk(schema, 0, ())
+    return count
+
+
+@functools.lru_cache(maxsize=1024)
+def _linear_pattern(pattern: str) -> Callable[[str], bool]:
+    """``re.search(pattern, s) is not None``, on jsonschema-rs's regex engine (linear time)."""
+    import jsonschema_rs
+
+    return jsonschema_rs.validator_for({"pattern": pattern}).is_valid
+
+
+def _pattern(
+    validator: Any, pattern: str, instance: Any, schema: Any
+) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not _linear_pattern(pattern)(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Any, properties: Mapping[str, Any], instance: Any, schema: Any
+) -> Iterator[jsonschema.ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in properties.items():
+        matches = _linear_pattern(pattern)
+        for key, value in instance.items():
+            if matches(key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)
+
+
+_deadline = threading.local()
+
+
+def _bounded(keyword: Callable[..., Any]) -> Callable[..., Any]:
+    """A keyword that first checks the current check's deadline (a few ns per keyword)."""
+
+    def run(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        if time.monotonic() > getattr(_deadline, "at", float("inf")):
+            raise ValidationTimeout(f"output validation did not finish within {CHECK_DEADLINE:g} s")
+        return keyword(validator, value, instance, schema)
+
+    return run
+
+
+def _python_validator_class(cls: Any) -> Any:
+    keywords = {**cls.VALIDATORS, "pattern": _pattern, "patternProperties": _pattern_properties}
+    return extend(cls, {name: _bounded(fn) for name, fn in keywords.items()})
+
+
 class BackendUnavailable(RuntimeError):
     """The selected validator backend is not installed."""
 
@@ -58,8 +169,7 @@ def check_backend(backend: ValidatorBackend) -> None:
             import jsonschema_rs  # noqa: F401
         except ImportError:
             raise BackendUnavailable(
-                "validator backend jsonschema-rs is not installed "
-                "(pip install 'plugin-daemon[jsonschema-rs]')"
+                "validator backend jsonschema-rs is not installed (pip install jsonschema-rs)"
             ) from None
 
 
@@ -79,6 +189,7 @@ class OutputSchema:
     def __init__(
         self, schema: Mapping[str, Any], backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA
     ) -> None:
+        expanded_size(schema)
         cls = validator_for(schema)
         try:
             cls.check_schema(schema)
@@ -86,11 +197,9 @@ class OutputSchema:
             raise SchemaDeclarationError(f"invalid output_schema: {exc.message}") from exc
         self.schema = schema
         self.backend = ValidatorBackend(backend)
-        self._check: _Checker
-        if self.backend is ValidatorBackend.JSONSCHEMA_RS:
-            self._check = _rs_checker(schema)
-        else:
-            self._check = _python_checker(cls(schema))
+        self._check: _Checker = _rs_checker(schema)  # compiled for both: the same refusals
+        if self.backend is not ValidatorBackend.JSONSCHEMA_RS:
+            self._check = _python_checker(_python_validator_class(cls)(schema))
 
     def check(self, variables: Mapping[str, Any]) -> str | None:
         """None if ``variables`` conform, else a message naming the variable and rule."""
@@ -99,7 +208,11 @@ class OutputSchema:
 
 def _python_checker(validator: Any) -> _Checker:
     def check(variables: Mapping[str, Any]) -> str | None:
-        error = best_match(validator.iter_errors(variables))
+        _deadline.at = time.monotonic() + CHECK_DEADLINE
+        try:
+            error = best_match(validator.iter_errors(variables))
+        finally:
+            del _deadline.at
         if error is None:
             return None
         return describe(error, variables)
@@ -148,8 +261,16 @@ def _message(name: str | None, rule: str, detail: str) -> str:
     return f"{where} failed {rule!r}: {detail}"
 
 
+class Chunks(list[str]):
+    """A streamed variable's chunks so far: appended one by one, joined once, when validated.
+
+    Joining per chunk (``current + value``) copies the whole string each time: quadratic,
+    minutes of loop time for a few hundred thousand chunks.
+    """
+
+
 def apply_variable(variables: dict[str, Any], message: Mapping[str, Any]) -> None:
-    """Apply one ``variable`` tool message to ``variables``."""
+    """Apply one ``variable`` tool message to ``variables`` (read them with :func:`joined`)."""
     name = message.get("variable_name")
     value = message.get("variable_value")
     if not isinstance(name, str):
@@ -157,10 +278,22 @@ def apply_variable(variables: dict[str, Any], message: Mapping[str, Any]) -> Non
     if message.get("stream"):
         if not isinstance(value, str):
             raise VariableMessageError(f"streamed chunk of variable {name!r} is not a string")
-        current = variables.get(name, "")
-        variables[name] = (current if isinstance(current, str) else "") + value
+        current = variables.get(name)
+        if isinstance(current, Chunks):
+            current.append(value)
+        else:  # a streamed value starts from the stored string, or from "" over anything else
+            variables[name] = Chunks([current, value] if isinstance(current, str) else [value])
     else:
         variables[name] = value
+
+
+def _value(value: Any) -> Any:
+    return "".join(value) if isinstance(value, Chunks) else value
+
+
+def joined(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables as the plugin meant them: every streamed one a string."""
+    return {name: _value(value) for name, value in variables.items()}
 
 
 class OutputVariables:
@@ -219,7 +352,7 @@ class OutputVariables:
         try:
             # Build the instance by iterating the live map, as upstream did: this
             # loop is where a concurrent writer raises "dictionary changed size".
-            snapshot = {name: value for name, value in self.variables.items()}
+            snapshot = {name: _value(value) for name, value in self.variables.items()}
             self.validations += 1
             self.validated_count = len(snapshot)
             self.verdict = self.schema.check(snapshot)

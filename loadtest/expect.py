@@ -149,6 +149,6 @@ def fastproto_emit(
         message = f"fastproto error at message {error_at}"
         return params, Expect(tuple(messages[:error_at]), error_type="RuntimeError", message=message)
     if violate:
-        message = "output variable 'done' failed 'type': 'not-a-bool' is not of type 'boolean'"
+        message = "output variable 'done' failed 'type': \"not-a-bool\" is not of type \"boolean\""
         return params, Expect(tuple(messages), error_type=VALIDATION_ERROR, message=message)
     return params, Expect(tuple(messages))

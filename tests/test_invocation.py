@@ -59,7 +59,9 @@ def test_a_schema_violation_is_the_final_event(
     assert events[-1].raw["code"] == -500 and events[-1].raw["data"] is None
     error = last_error(events)
     assert error["error_type"] == "ToolOutputValidationError"
-    assert error["message"] == "output variable 'done' failed 'type': 'not-a-bool' is not of type 'boolean'"
+    assert error["message"] == (
+        "output variable 'done' failed 'type': \"not-a-bool\" is not of type \"boolean\""
+    )
 
 
 def test_a_tool_without_output_schema_is_not_validated(
@@ -246,5 +248,5 @@ def test_owner_verdict_is_right_behind_a_slow_reader(
     assert len(events) == 3000 + 30 + 30 + 1 + 1
     assert all(e.ok for e in events[:-1])
     assert last_error(events)["message"] == (
-        "output variable 'done' failed 'type': 'not-a-bool' is not of type 'boolean'"
+        "output variable 'done' failed 'type': \"not-a-bool\" is not of type \"boolean\""
     )

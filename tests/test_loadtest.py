@@ -32,7 +32,7 @@ VALID_PARAMS, VALID = fastproto_emit(count=2, variables=2, stream_chunks=2)
 MESSAGES = list(VALID.messages or ())
 INVALID = fastproto_emit(count=2, variables=2, stream_chunks=2, violate=True)[1]
 VALIDATION = "ToolOutputValidationError"
-RIGHT_VERDICT = "output variable 'done' failed 'type': 'not-a-bool' is not of type 'boolean'"
+RIGHT_VERDICT = "output variable 'done' failed 'type': \"not-a-bool\" is not of type \"boolean\""
 
 
 def test_the_expected_stream_passes(start: Callable[..., Daemon], fastproto: Callable[..., Path]) -> None:

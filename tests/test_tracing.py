@@ -202,7 +202,7 @@ def test_a_failed_session_is_an_error_span(
     assert session["status"] == 2  # STATUS_CODE_ERROR
     (validate,) = receiver.named("output.validate")
     assert validate["attributes"]["validation.verdict"] == "fail"
-    assert "'not-a-bool' is not of type 'boolean'" in validate["attributes"]["validation.error"]
+    assert '"not-a-bool" is not of type "boolean"' in validate["attributes"]["validation.error"]
 
 
 def test_sampling_follows_otel_traces_sampler(

@@ -33,6 +33,7 @@ from daemon.validation import (
     SchemaDeclarationError,
     VariableMessageError,
     apply_variable,
+    joined,
 )
 from tests import strategies
 
@@ -82,7 +83,7 @@ def test_streamed_chunks_append_and_plain_values_replace() -> None:
     variables: dict[str, Any] = {}
     for message in plugin_output(3):
         apply_variable(variables, message["message"])
-    assert variables == {"var_0": 0, "var_1": 1, "var_2": 2, "streamed": "c0;c1;c2;", "done": True}
+    assert joined(variables) == {"var_0": 0, "var_1": 1, "var_2": 2, "streamed": "c0;c1;c2;", "done": True}
     apply_variable(variables, {"variable_name": "var_0", "variable_value": 9, "stream": False})
     assert variables["var_0"] == 9
 

@@ -7,21 +7,26 @@ the quoting in the detail text.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon.config import ValidatorBackend, ValidatorDesign
 from daemon.session import VALIDATION_ERROR
-from daemon.testing import Daemon
+from daemon.testing import PLUGINS, Daemon
 from daemon.validation import (
     OutputSchema,
     SchemaDeclarationError,
     check_backend,
     new_variables,
 )
+from tests import strategies
 from tests.test_runtime import FP, last_error
 from tests.test_validation import run_lagging_consumer
 
@@ -125,3 +130,36 @@ def test_daemon_with_validator_none_relays_without_a_verdict(
     daemon.wait_ready(FP)
     events = daemon.invoke(FP, "emit", {"count": 2, "violate": True})
     assert len(events) == 3 and all(e.ok for e in events)
+
+
+def bundled_schemas() -> list[tuple[str, dict[str, Any]]]:
+    """Every ``output_schema`` the bundled plugins declare (the broken one excepted)."""
+    found = []
+    for path in sorted(PLUGINS.glob("*/tools/*.yaml")):
+        declared = yaml.safe_load(path.read_text()).get("output_schema")
+        if declared is not None and path.stem != "broken_schema":
+            found.append((f"{path.parent.parent.name}/{path.stem}", declared))
+    return [*found, ("declaration", DECLARATION)]
+
+
+@functools.cache
+def compiled(tool: str, backend: ValidatorBackend) -> OutputSchema:
+    return OutputSchema(dict(bundled_schemas())[tool], backend)
+
+
+def variables_for(declared: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    names = [*sorted(declared.get("properties", {})), "var_1", "var_x", "other"]
+    return st.dictionaries(st.sampled_from(names), strategies.json_values(), max_size=len(names))
+
+
+@pytest.mark.parametrize(("tool", "declared"), bundled_schemas(), ids=[t for t, _ in bundled_schemas()])
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_both_backends_agree_on_every_bundled_schema(
+    tool: str, declared: dict[str, Any], data: st.DataObject
+) -> None:
+    """Why jsonschema-rs can be the default: on every schema we ship, the same pass or fail."""
+    variables = data.draw(variables_for(declared))
+    python = compiled(tool, ValidatorBackend.JSONSCHEMA).check(variables)
+    rust = compiled(tool, ValidatorBackend.JSONSCHEMA_RS).check(variables)
+    assert (python is None) == (rust is None), (python, rust)

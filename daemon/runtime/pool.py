@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon import metrics
+from daemon import isolation, metrics
 from daemon.config import Settings
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import PluginSpec
@@ -48,7 +48,12 @@ def process_connection(
 ) -> Connection:
     """An instance that is a local child process."""
     transport = ProcessTransport(
-        spec, f"{spec.id}#{index}", python=python, max_line_bytes=settings.plugin_max_line_bytes, loop=loop
+        spec,
+        f"{spec.id}#{index}",
+        python=python,
+        max_line_bytes=settings.plugin_max_line_bytes,
+        loop=loop,
+        drop_privileges=isolation.setpriv_args(spec.id, settings.plugin_isolation, settings.plugin_uid_base),
     )
     return Connection(spec, index, transport, settings=settings, codec=codec, services=services, loop=loop)
 

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from daemon.errors import INSTANCE_DIED
@@ -149,8 +149,10 @@ class ProcessTransport:
         python: Path,
         max_line_bytes: int,
         loop: asyncio.AbstractEventLoop,
+        drop_privileges: Sequence[str] = (),
     ) -> None:
         self.spec = spec
+        self._drop_privileges = list(drop_privileges)  # setpriv options: the plugin's own uid
         self.name = name
         self._python = python
         self._max_line = max_line_bytes
@@ -171,7 +173,7 @@ class ProcessTransport:
         """Spawn; ``on_lines`` and then ``on_close(outcome)`` are called on the reader thread."""
         cmd = [str(self._python), "-m", self.spec.entrypoint]
         if _SETPRIV:
-            cmd = [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
+            cmd = [_SETPRIV, "--pdeathsig", "KILL", *self._drop_privileges, "--", *cmd]
         # Popen runs on the loop thread on purpose: PDEATHSIG fires when the *thread*
         # that forked the child exits, and the loop thread lives as long as we do.
         self._proc = subprocess.Popen(

@@ -1,0 +1,189 @@
+"""What a client can hold: bytes of a request head and body, time to send a request, bytes buffered.
+
+uvicorn's httptools protocol buffers a request head of any size and waits for it
+forever (its keep-alive timer restarts at every byte, so a client trickling a
+header holds its connection, and a descriptor, indefinitely). :func:`protocol`
+makes the protocol class the daemon serves with: a head larger than
+``SERVER_MAX_HEADER_BYTES`` is answered 431 and the connection closed as soon as
+the bytes arrive, and a request that is not fully received within
+``SERVER_REQUEST_READ_TIMEOUT`` (an idle new connection included) is answered 408
+and closed. :class:`BodyLimit` applies ``MAX_REQUEST_BODY_BYTES`` to every route's
+body, not only dispatch's. :class:`Budget` bounds the bytes buffered for slow
+callers across all sessions together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_REASONS = {408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
+
+
+def _json_error(status: int, message: str) -> bytes:
+    return json.dumps({"code": -status, "message": message, "data": None}).encode()
+
+
+def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol]:
+    """The httptools protocol with a bounded request head and a deadline to receive a request."""
+
+    class GuardedProtocol(HttpToolsProtocol):
+        _head_bytes = 0  # bytes read while a head is incomplete
+        _in_head = True
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._await_request()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_deadline()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            # Counted per read (at most one read beyond the limit is ever held); a read that
+            # completes the head may carry body bytes, so the check follows the parse.
+            counting = self._in_head
+            if counting:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            over = counting and self._in_head and self._head_bytes > max_head_bytes
+            if over and not self.transport.is_closing():
+                self._refuse(431, f"request head larger than {max_head_bytes} bytes")
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size <= max_head_bytes:
+                super().on_headers_complete()
+                return
+            # The head arrived whole in one read: answer it with a 431 app instead of ours.
+            app, self.app = self.app, _refusal(431, f"request head larger than {max_head_bytes} bytes")
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+
+        def on_message_complete(self) -> None:
+            self._cancel_deadline()
+            self._in_head, self._head_bytes = True, 0
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._await_request()
+
+        def _await_request(self) -> None:
+            self._cancel_deadline()
+            self._deadline = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _cancel_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _read_timed_out(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is None or self.cycle.response_complete:
+                self._refuse(408, f"the request was not received within {read_timeout:g} s")
+            else:  # the body is late: the route reading it sees a disconnect
+                self.transport.close()
+
+        def _refuse(self, status: int, message: str) -> None:
+            body = _json_error(status, message)
+            head = (
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+            )
+            self.transport.write(head + body)
+            self.transport.close()
+
+    return GuardedProtocol
+
+
+def _refusal(status: int, message: str) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": _json_error(status, message)})
+
+    return app
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: no route reads more than ``limit`` body bytes; the request gets 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                # A declared length frames the body exactly: within the limit, nothing to count.
+                if value.isdigit() and int(value) <= limit:
+                    await self.app(scope, receive, send)
+                else:
+                    await self._refuse(send)
+                return
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, bounded_receive, send)
+        except BodyTooLarge:
+            with contextlib.suppress(RuntimeError):  # unless the route had begun its answer
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        refusal = _refusal(413, f"request body larger than {self.limit} bytes")
+        await refusal({}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    raise RuntimeError("a refusal reads nothing")
+
+
+class Budget:
+    """Bytes buffered for callers across every session; shared by their streams, thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def give(self, nbytes: int) -> None:
+        if nbytes:
+            with self._lock:
+                self.used -= nbytes

@@ -1,0 +1,163 @@
+"""Drills: what a plugin process can reach of the daemon (real daemon, real plugin processes).
+
+A probe plugin (fastproto behind a shim) reports from inside its own process what it can
+read: the daemon's environment, the key file, the storage database, and ``/metrics``
+over loopback. Its report goes to stderr, which the daemon forwards to its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from daemon.testing import REPO, Daemon, copy_plugin
+
+PROBE = "demo/probe"
+PROBE_SHIM = '''"""Wait for probe.json, try to reach the daemon's secrets, report on stderr, then serve."""
+
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import main
+
+
+def attempt(what):
+    try:
+        what()
+        return "read"
+    except urllib.error.HTTPError as exc:
+        return f"http {exc.code}"
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def probe():
+    while not os.path.exists("probe.json"):
+        time.sleep(0.1)
+    config = json.load(open("probe.json"))
+    environ = []
+    report = {
+        "uid": os.getuid(),
+        "environ": attempt(lambda: environ.append(open(f"/proc/{os.getppid()}/environ", "rb").read())),
+        "key_file": attempt(lambda: open(config["state"] + "/server.key").read()),
+        "storage": attempt(lambda: open(config["state"] + "/storage.sqlite3", "rb").read()),
+        "metrics": attempt(lambda: urllib.request.urlopen(config["url"] + "/metrics", timeout=10).read()),
+    }
+    report["key_in_environ"] = bool(environ) and config["key"].encode() in environ[0]
+    print("PROBE " + json.dumps(report), file=sys.stderr, flush=True)
+
+
+threading.Thread(target=probe, daemon=True).start()
+main.main()
+'''
+
+
+def probe_plugins(root: Path) -> Path:
+    plugins = root / "plugins"
+    plugins.mkdir()
+    probe = copy_plugin("fastproto", plugins, as_name="probe")
+    (probe / "probe.py").write_text(PROBE_SHIM)
+    manifest = probe / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("entrypoint: main", "entrypoint: probe"))
+    return plugins
+
+
+def run_probe(daemon: Daemon, plugins: Path, state: Path) -> dict[str, Any]:
+    daemon.wait_ready(PROBE)
+    config = {"url": daemon.url, "state": str(state), "key": daemon.key}
+    staged = plugins / "probe" / "probe.json.new"
+    staged.write_text(json.dumps(config))
+    staged.chmod(0o644)
+    staged.replace(plugins / "probe" / "probe.json")  # whole, or not at all
+    deadline_log = ""
+    for _ in range(600):
+        deadline_log = daemon.log_path.read_text(errors="replace")
+        found = re.search(r"PROBE (\{.*\})", deadline_log)
+        if found:
+            return json.loads(found.group(1))
+        subprocess.run(["sleep", "0.1"], check=True)
+    raise AssertionError(f"the probe never reported:\n{daemon.log()}")
+
+
+def test_a_plugin_of_the_same_user_cannot_read_the_key_from_the_daemon_nor_use_metrics(
+    start: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    plugins = probe_plugins(tmp_path)
+    daemon = start(plugins)
+    report = run_probe(daemon, plugins, tmp_path / "state0")
+    assert report["key_in_environ"] is False  # the daemon blanked SERVER_KEY once read
+    assert report["metrics"] == "http 401"  # a loopback client, but a plugin: it needs the key
+    environ = Path(f"/proc/{daemon.proc.pid}/environ").read_bytes()
+    assert daemon.key.encode() not in environ
+
+
+def test_the_daemon_makes_itself_non_dumpable() -> None:
+    code = (
+        "import ctypes, os; os.environ['SERVER_KEY'] = 'x';"
+        "from daemon.isolation import harden_daemon; harden_daemon();"
+        "libc = ctypes.CDLL(None); print(libc.prctl(3, 0, 0, 0, 0), 'SERVER_KEY' in os.environ)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "False"]  # PR_GET_DUMPABLE: 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3.11").exists(), reason="needs root")
+def test_under_uid_isolation_a_plugin_reaches_no_secret_and_no_tenant_data(
+    start: Callable[..., Daemon],
+) -> None:
+    # Plugins must be readable by their own uid: a world-readable tree outside pytest's 0700 one,
+    # and a system interpreter (pyenv's lives under /root).
+    root = Path(tempfile.mkdtemp(prefix="isolation-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        plugins = probe_plugins(root)
+        state = root / "state"
+        daemon = start(
+            plugins,
+            plugin_isolation="uid",
+            python_interpreter_path="/usr/bin/python3.11",
+            STATE_DIR=str(state),
+        )
+        report = run_probe(daemon, plugins, state)
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+    assert report["uid"] >= 200_000
+    assert report["environ"] == "PermissionError"
+    assert report["key_file"] == "PermissionError"
+    assert report["storage"] in ("PermissionError", "FileNotFoundError")
+    assert report["metrics"] == "http 401"
+
+
+def test_local_means_the_same_for_uvicorn_and_the_access_check(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    """A proxy on 127.0.0.2 (not a trusted one) forwarding a remote client does not make it local."""
+    daemon = start(fastproto())
+
+    def metrics(source: str, headers: dict[str, str]) -> int:
+        transport = httpx.HTTPTransport(local_address=source)
+        with httpx.Client(transport=transport, timeout=30) as client:
+            return client.get(f"{daemon.url}/metrics", headers=headers).status_code
+
+    remote = {"X-Forwarded-For": "203.0.113.9"}
+    assert metrics("127.0.0.2", remote) == 401  # untrusted proxy speaking for a remote client
+    assert metrics("127.0.0.1", remote) == 401  # trusted proxy: uvicorn resolves the remote client
+    assert metrics("127.0.0.2", {"Forwarded": "for=203.0.113.9"}) == 401
+    assert metrics("127.0.0.2", {}) == 200  # a local client, directly
+    assert metrics("127.0.0.1", {"X-Forwarded-For": "127.0.0.1"}) == 200  # trusted proxy, local client
+    assert metrics("127.0.0.2", {**remote, "X-Api-Key": daemon.key}) == 200
