@@ -23,6 +23,7 @@ from daemon import __version__, access, dispatch, metrics, tracepage
 from daemon.codec import get_codec, tool_request
 from daemon.config import Access, Settings
 from daemon.dispatch import BadRequest
+from daemon.errors import PLUGIN_NOT_FOUND
 from daemon.invocation import Invocation, new_session
 from daemon.manifest import ManifestError, ToolSpec, discover
 from daemon.metrics import RuntimeCollector
@@ -84,7 +85,7 @@ class Daemon:
         assert self.runtime is not None
         pool = self.runtime.pools.get(plugin_id)
         if pool is None:
-            raise BadRequest(404, f"plugin {plugin_id!r} is not installed")
+            raise BadRequest(404, f"plugin {plugin_id!r} is not installed", error_type=PLUGIN_NOT_FOUND)
         return pool
 
 
@@ -93,15 +94,12 @@ def _error(exc: BadRequest) -> JSONResponse:
 
 
 def _tool(pool: PluginPool, provider: str, tool: str | None) -> ToolSpec | None:
+    """The tool's spec, for its output schema. A provider or tool the manifest does not declare
+    still goes to the plugin, as upstream sends it: the plugin's own answer is the error."""
     spec = pool.spec.providers.get(provider)
-    if spec is None:
-        raise BadRequest(404, f"plugin {pool.spec.id!r} has no tool provider {provider!r}")
-    if tool is None:
+    if spec is None or tool is None:
         return None
-    found = spec.tools.get(tool)
-    if found is None:
-        raise BadRequest(404, f"provider {provider!r} of plugin {pool.spec.id!r} has no tool {tool!r}")
-    return found
+    return spec.tools.get(tool)
 
 
 async def _dispatch(request: Request, action: str) -> Response:
@@ -123,7 +121,8 @@ async def _dispatch(request: Request, action: str) -> Response:
     except BadRequest as exc:
         return _error(exc)
     except PluginUnavailable as exc:
-        return _error(BadRequest(503, str(exc)))
+        # Dify's client treats "plugin runtime not found" as a transient outage worth a retry.
+        return _error(BadRequest(503, f"plugin runtime not found: {exc}"))
     session = new_session(instance, tool, settings=settings, tenant_id=tenant)
     envelope = tool_request(
         session.id,
@@ -244,9 +243,7 @@ async def debug_login(request: Request) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = f"{exc.detail}: {request.method} {request.url.path}"
-    return JSONResponse(
-        {"code": -exc.status_code, "message": message, "data": None}, status_code=exc.status_code
-    )
+    return _error(BadRequest(exc.status_code, message))
 
 
 def create_app(settings: Settings, server_key: str, tracing: Tracing | None = None) -> Starlette:

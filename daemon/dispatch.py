@@ -8,28 +8,53 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect, Request
+
+from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, NOT_FOUND, UNAUTHORIZED, envelope
 
 TENANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLUGIN_ID = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)/([A-Za-z0-9_][A-Za-z0-9_.-]*)(:[^@]+)?(@\S+)?$")
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str, errors: list[dict[str, Any]] | None = None):
+    """A request the daemon refuses before it reaches a plugin: an HTTP status and upstream's
+    error type (``PluginDaemonBadRequestError`` unless said otherwise), in upstream's body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        errors: list[dict[str, Any]] | None = None,
+        *,
+        error_type: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.errors = errors
+        self.error_type = error_type or _DEFAULT_TYPES.get(status, BAD_REQUEST)
 
     def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": -self.status, "message": self.message, "data": None}
-        if self.errors:
-            body["errors"] = self.errors
-        return body
+        # Dify reads an error's type only when code is -500: a server-side refusal says -500
+        # whatever its HTTP status (503 tells a proxy the plugin may come back).
+        code = -500 if self.status >= 500 else -self.status
+        return envelope(code, self.error_type, self.message, {"errors": self.errors} if self.errors else None)
+
+
+_DEFAULT_TYPES = {401: UNAUTHORIZED, 404: NOT_FOUND, 500: INTERNAL_ERROR, 503: INTERNAL_ERROR}
+
+
+def _none_is(default: Any) -> BeforeValidator:
+    """Go decodes a JSON ``null`` as the field's zero value; so do we."""
+    return BeforeValidator(lambda value: default() if value is None else value)
+
+
+NullableDict = Annotated[dict[str, Any], _none_is(dict)]
+NullableStr = Annotated[str, _none_is(str)]
 
 
 class _Strict(BaseModel):
@@ -39,23 +64,23 @@ class _Strict(BaseModel):
 class ToolInvokeData(_Strict):
     provider: str = Field(min_length=1, max_length=256)
     tool: str = Field(min_length=1, max_length=256)
-    tool_parameters: dict[str, Any] = Field(default_factory=dict)
-    credentials: dict[str, Any] = Field(default_factory=dict)
-    credential_type: str = "api-key"
+    tool_parameters: NullableDict = Field(default_factory=dict)
+    credentials: NullableDict = Field(default_factory=dict)
+    credential_type: Annotated[str, _none_is(lambda: "api-key")] = "api-key"
 
 
 class CredentialsData(_Strict):
     provider: str = Field(min_length=1, max_length=256)
-    credentials: dict[str, Any] = Field(default_factory=dict)
+    credentials: NullableDict = Field(default_factory=dict)
 
 
 class _Dispatch(_Strict):
-    user_id: str = Field(max_length=256)
+    user_id: NullableStr = Field(default="", max_length=256)
     conversation_id: str | None = None
     message_id: str | None = None
     app_id: str | None = None
     endpoint_id: str | None = None
-    context: dict[str, Any] = Field(default_factory=dict)
+    context: NullableDict = Field(default_factory=dict)
 
 
 class InvokeToolRequest(_Dispatch):

@@ -22,6 +22,8 @@ from typing import Any
 import httpx
 import psutil
 
+from daemon.errors import unwrap
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
 
@@ -67,8 +69,14 @@ class Event:
         return self.raw["data"]
 
     @property
-    def error(self) -> dict[str, Any]:
+    def envelope(self) -> dict[str, Any]:
+        """The daemon-level ``{message, error_type, args}`` (``PluginInvokeError`` for a stream's error)."""
         return json.loads(self.raw["message"])
+
+    @property
+    def error(self) -> dict[str, Any]:
+        """The most specific error: the plugin's (or validation's) own inside a ``PluginInvokeError``."""
+        return unwrap(self.raw["message"])
 
 
 def parse_sse(body: bytes) -> list[Event]:
