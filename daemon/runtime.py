@@ -46,7 +46,7 @@ from daemon import metrics
 from daemon.codec import Codec
 from daemon.config import Settings
 from daemon.errors import INSTANCE_DIED, SHUTDOWN, SessionError
-from daemon.install import InstallError, ensure_venv
+from daemon.install import InstallError, InstallProgress, ensure_venv
 from daemon.manifest import PluginSpec
 from daemon.session import Session
 from daemon.storage import BackwardsError, BackwardsServices
@@ -452,6 +452,7 @@ class PluginPool:
         self.status = "installing"
         self.error: str | None = None
         self.restarts = 0
+        self.install = InstallProgress()
         self.instances: list[PluginInstance | None] = [None] * settings.plugin_instances
         self._changed = asyncio.Condition()
         self._stopping = False
@@ -460,7 +461,7 @@ class PluginPool:
     async def run(self) -> None:
         """Install, then supervise every instance slot until cancelled."""
         try:
-            python = await ensure_venv(self.spec, self._settings.python_interpreter_path)
+            python = await ensure_venv(self.spec, self._settings.python_interpreter_path, self.install)
         except InstallError as exc:
             log.error("plugin %s cannot be installed: %s", self.spec.id, exc)
             await self._set_status("failed", str(exc))
@@ -554,6 +555,7 @@ class PluginPool:
             "status": self.status,
             "error": self.error,
             "restarts": self.restarts,
+            "install": self.install.describe(),
             "instances": [
                 {"index": i.index, "pid": i.pid, "state": i.state.value, "sessions": len(i.sessions)}
                 for i in self.instances
