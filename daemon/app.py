@@ -7,7 +7,7 @@ import gc
 import hmac
 import html
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -22,12 +22,11 @@ from starlette.routing import Route
 from daemon import __version__, access, dispatch, metrics, tracepage
 from daemon.codec import get_codec, tool_request
 from daemon.config import Access, Settings
-from daemon.dispatch import BadRequest
-from daemon.errors import PLUGIN_NOT_FOUND
+from daemon.dispatch import KINDS, BadRequest, Kind
 from daemon.invocation import Invocation, new_session
-from daemon.manifest import ManifestError, ToolSpec, discover
+from daemon.manifest import ManifestError, discover
 from daemon.metrics import RuntimeCollector
-from daemon.runtime import PluginPool, PluginUnavailable, Runtime
+from daemon.runtime import PluginUnavailable, Runtime
 from daemon.storage import BackwardsServices, Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 
@@ -81,78 +80,59 @@ class Daemon:
             self.storage.close()
         self.tracing.shutdown()
 
-    def pool(self, plugin_id: str) -> PluginPool:
-        assert self.runtime is not None
-        pool = self.runtime.pools.get(plugin_id)
-        if pool is None:
-            raise BadRequest(404, f"plugin {plugin_id!r} is not installed", error_type=PLUGIN_NOT_FOUND)
-        return pool
-
 
 def _error(exc: BadRequest) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def _tool(pool: PluginPool, provider: str, tool: str | None) -> ToolSpec | None:
-    """The tool's spec, for its output schema. A provider or tool the manifest does not declare
-    still goes to the plugin, as upstream sends it: the plugin's own answer is the error."""
-    spec = pool.spec.providers.get(provider)
-    if spec is None or tool is None:
-        return None
-    return spec.tools.get(tool)
+def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
+    """The route of one dispatch kind: checks, a ready instance, then the relayed session."""
 
+    async def endpoint(request: Request) -> Response:
+        daemon: Daemon = request.app.state.daemon
+        settings = daemon.settings
+        assert daemon.runtime is not None
+        try:
+            ready = await dispatch.prepare(
+                request,
+                kind,
+                server_key=daemon.server_key,
+                pools=daemon.runtime.pools,
+                limit=settings.max_request_body_bytes,
+            )
+            instance = await ready.pool.acquire(settings.plugin_ready_timeout)
+        except BadRequest as exc:
+            return _error(exc)
+        except PluginUnavailable as exc:
+            # Dify's client treats "plugin runtime not found" as a transient outage worth a retry.
+            return _error(BadRequest(503, f"plugin runtime not found: {exc}"))
+        parsed = ready.parsed
+        session = new_session(instance, ready.tool, settings=settings, tenant_id=ready.tenant)
+        envelope = tool_request(
+            session.id,
+            user_id=parsed.user_id,
+            access_type=kind.type,
+            action=kind.action,
+            data=parsed.data.model_dump(),
+            conversation_id=parsed.conversation_id,
+            message_id=parsed.message_id,
+            app_id=parsed.app_id,
+            endpoint_id=parsed.endpoint_id,
+            context=parsed.context,
+        )
+        invocation = Invocation(
+            instance,
+            envelope,
+            session,
+            codec=daemon.codec,
+            timeout=settings.plugin_max_execution_timeout,
+            design=settings.validator.value,
+            traced=daemon.tracing.enabled,
+        )
+        return invocation.response()  # type: ignore[return-value]
 
-async def _dispatch(request: Request, action: str) -> Response:
-    daemon: Daemon = request.app.state.daemon
-    settings = daemon.settings
-    try:
-        dispatch.check_key(request, daemon.server_key)
-        tenant = dispatch.tenant_id(request)
-        plugin_id = dispatch.plugin_id(request)
-        pool = daemon.pool(plugin_id)
-        body = await dispatch.read_json(request, settings.max_request_body_bytes)
-        if action == "invoke_tool":
-            parsed = dispatch.parse(dispatch.InvokeToolRequest, body)
-            tool = _tool(pool, parsed.data.provider, parsed.data.tool)
-        else:
-            parsed = dispatch.parse(dispatch.ValidateCredentialsRequest, body)
-            tool = _tool(pool, parsed.data.provider, None)
-        instance = await pool.acquire(settings.plugin_ready_timeout)
-    except BadRequest as exc:
-        return _error(exc)
-    except PluginUnavailable as exc:
-        # Dify's client treats "plugin runtime not found" as a transient outage worth a retry.
-        return _error(BadRequest(503, f"plugin runtime not found: {exc}"))
-    session = new_session(instance, tool, settings=settings, tenant_id=tenant)
-    envelope = tool_request(
-        session.id,
-        user_id=parsed.user_id,
-        action=action,
-        data=parsed.data.model_dump(),
-        conversation_id=parsed.conversation_id,
-        message_id=parsed.message_id,
-        app_id=parsed.app_id,
-        endpoint_id=parsed.endpoint_id,
-        context=parsed.context,
-    )
-    invocation = Invocation(
-        instance,
-        envelope,
-        session,
-        codec=daemon.codec,
-        timeout=settings.plugin_max_execution_timeout,
-        design=settings.validator.value,
-        traced=daemon.tracing.enabled,
-    )
-    return invocation.response()  # type: ignore[return-value]
-
-
-async def invoke_tool(request: Request) -> Response:
-    return await _dispatch(request, "invoke_tool")
-
-
-async def validate_credentials(request: Request) -> Response:
-    return await _dispatch(request, "validate_tool_credentials")
+    endpoint.__name__ = endpoint.__qualname__ = kind.action
+    return endpoint
 
 
 async def health(request: Request) -> Response:
@@ -262,12 +242,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
             await daemon.stop()
 
     routes = [
-        Route("/plugin/{tenant_id}/dispatch/tool/invoke", invoke_tool, methods=["POST"]),
-        Route(
-            "/plugin/{tenant_id}/dispatch/tool/validate_credentials",
-            validate_credentials,
-            methods=["POST"],
-        ),
+        *(Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),

@@ -57,6 +57,7 @@ def tool_request(
     *,
     user_id: str,
     action: str,
+    access_type: str = "tool",
     data: dict[str, Any],
     conversation_id: str | None = None,
     message_id: str | None = None,
@@ -64,7 +65,8 @@ def tool_request(
     endpoint_id: str | None = None,
     context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The envelope the SDK expects on stdin for one invocation."""
+    """The envelope the SDK expects on stdin for one invocation of any kind: the SDK routes it
+    by ``data.type`` (``access_type``) and ``data.action``."""
     return {
         "session_id": session_id,
         "event": "request",
@@ -73,7 +75,7 @@ def tool_request(
         "app_id": app_id,
         "endpoint_id": endpoint_id,
         "context": context or {},
-        "data": {"user_id": user_id, "type": "tool", "action": action, **data},
+        "data": {"user_id": user_id, "type": access_type, "action": action, **data},
     }
 
 

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,19 @@ def start_daemon(
             proc.kill()
             raise AssertionError(f"daemon did not come up:\n{daemon.log()}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serving(
+    tmp: Path, copies: list[tuple[str, dict[str, Any] | None, str | None]], **env: Any
+) -> Iterator[Daemon]:
+    """A daemon over private copies of bundled plugins (name, fault, renamed as), stopped after."""
+    plugins = tmp / "plugins"
+    plugins.mkdir()
+    for name, fault, as_name in copies:
+        copy_plugin(name, plugins, fault, as_name=as_name)
+    daemon = start_daemon(plugins, tmp / "state", tmp / "daemon.log", **env)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from daemon.testing import Daemon, copy_plugin, start_daemon
+from daemon.testing import Daemon, serving
 from tests import dify_client as dify
 
 TK = "demo/text_toolkit"
@@ -23,17 +23,11 @@ STUCK = "demo/stuck"
 @pytest.fixture(scope="module")
 def fp_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """fastproto with a 2 s execution limit, beside a copy that never becomes ready."""
-    tmp = tmp_path_factory.mktemp("dify-errors")
-    plugins = tmp / "plugins"
-    plugins.mkdir()
-    copy_plugin("fastproto", plugins)
-    copy_plugin("fastproto", plugins, {"no_heartbeat": True}, as_name="stuck")
-    daemon = start_daemon(
-        plugins, tmp / "state", tmp / "daemon.log", plugin_max_execution_timeout=2, plugin_ready_timeout=2
-    )
-    daemon.wait_ready(FP)
-    yield daemon
-    daemon.stop()
+    copies = [("fastproto", None, None), ("fastproto", {"no_heartbeat": True}, "stuck")]
+    limits = {"plugin_max_execution_timeout": 2, "plugin_ready_timeout": 2}
+    with serving(tmp_path_factory.mktemp("dify-errors"), copies, **limits) as daemon:
+        daemon.wait_ready(FP)
+        yield daemon
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,28 @@
 """Parsing and checking what Dify's API server sends to the dispatch endpoints.
 
 Every way a request can be wrong maps to one :class:`BadRequest` with a status and a
-message that says what was wrong; nothing malformed reaches the runtime.
+message that says what was wrong; nothing malformed reaches the runtime. :func:`prepare`
+makes every check of every dispatch kind, in one place and one order.
 """
 
 from __future__ import annotations
 
 import hmac
 import re
-from typing import Annotated, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from starlette.requests import ClientDisconnect, Request
 
-from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, NOT_FOUND, UNAUTHORIZED, envelope
+from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, NOT_FOUND, PLUGIN_NOT_FOUND, UNAUTHORIZED, envelope
+
+if TYPE_CHECKING:
+    from daemon.dispatch.kinds import Kind
+    from daemon.manifest import ToolSpec
+    from daemon.runtime import PluginPool
 
 TENANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLUGIN_ID = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)/([A-Za-z0-9_][A-Za-z0-9_.-]*)(:[^@]+)?(@\S+)?$")
@@ -61,16 +69,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class ToolInvokeData(_Strict):
-    provider: str = Field(min_length=1, max_length=256)
-    tool: str = Field(min_length=1, max_length=256)
+class DispatchData(BaseModel):
+    """A request's ``data``: the fields the daemon checks, and every other field passed on to
+    the plugin as sent (the SDK's request models read what they need)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class ToolInvokeData(DispatchData):
+    provider: Name
+    tool: Name
     tool_parameters: NullableDict = Field(default_factory=dict)
     credentials: NullableDict = Field(default_factory=dict)
     credential_type: Annotated[str, _none_is(lambda: "api-key")] = "api-key"
 
 
-class CredentialsData(_Strict):
-    provider: str = Field(min_length=1, max_length=256)
+class CredentialsData(DispatchData):
+    provider: Name
     credentials: NullableDict = Field(default_factory=dict)
 
 
@@ -89,6 +107,33 @@ class InvokeToolRequest(_Dispatch):
 
 class ValidateCredentialsRequest(_Dispatch):
     data: CredentialsData
+
+
+def data_model(
+    name: str,
+    names: tuple[str, ...] = ("provider",),
+    present: tuple[str, ...] = (),
+    model_type: str | None = None,
+) -> type[DispatchData]:
+    """A ``data`` model requiring what upstream's request type requires (``validate:"required"``
+    in ``pkg/entities/requests``): non-empty strings ``names``, fields ``present``, and
+    ``model_type`` equal to the kind's (any when ``"*"``)."""
+    fields: dict[str, Any] = {field: (Name, ...) for field in names}
+    fields.update({field: (Any, ...) for field in present})
+    fields["credentials"] = (NullableDict, Field(default_factory=dict))
+    if model_type == "*":
+        fields["model_type"] = (Name, ...)
+    elif model_type is not None:
+        fields["model_type"] = (Literal[model_type], ...)  # type: ignore[valid-type]
+    return create_model(name, __base__=DispatchData, **fields)
+
+
+def request_model(data: type[DispatchData]) -> type[_Dispatch]:
+    if data is ToolInvokeData:
+        return InvokeToolRequest
+    if data is CredentialsData:
+        return ValidateCredentialsRequest
+    return create_model(f"{data.__name__}Request", __base__=_Dispatch, data=(data, ...))
 
 
 def check_key(request: Request, server_key: str) -> None:
@@ -155,3 +200,34 @@ def parse(model: type[_Dispatch], body: Any) -> Any:
         ]
         summary = "; ".join(f"{e['field']}: {e['problem']}" for e in errors[:5])
         raise BadRequest(422, f"invalid request body: {summary}", errors) from None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request that passed every check: who asks, which plugin, what to send it."""
+
+    tenant: str
+    pool: PluginPool
+    parsed: Any
+    tool: ToolSpec | None
+
+
+async def prepare(
+    request: Request,
+    kind: Kind,
+    *,
+    server_key: str,
+    pools: Mapping[str, PluginPool],
+    limit: int,
+) -> Prepared:
+    """Every check of a dispatch request, in upstream's order: key, tenant, plugin, body."""
+    check_key(request, server_key)
+    tenant = tenant_id(request)
+    plugin = plugin_id(request)
+    pool = pools.get(plugin)
+    if pool is None:
+        raise BadRequest(404, f"plugin {plugin!r} is not installed", error_type=PLUGIN_NOT_FOUND)
+    body = await read_json(request, limit)
+    parsed = parse(request_model(kind.data), body)
+    tool = kind.lookup(pool.spec, parsed.data) if kind.lookup is not None else None
+    return Prepared(tenant, pool, parsed, tool)
