@@ -53,9 +53,10 @@ def _model(
     model_type: str,
     present: tuple[str, ...] = (),
     framing: Framing = "single",
+    nullable: tuple[str, ...] = (),
 ) -> Kind:
     fields = ("provider", "model", *names)
-    return Kind(route, "model", action, data_model(action, fields, present, model_type), framing)
+    return Kind(route, "model", action, data_model(action, fields, present, model_type, nullable), framing)
 
 
 def _simple(
@@ -73,8 +74,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("tool/invoke", "tool", "invoke_tool", ToolInvokeData, "stream", tool_output_spec),
     Kind("tool/validate_credentials", "tool", "validate_tool_credentials", CredentialsData),
     _simple("tool/get_runtime_parameters", "tool", "get_tool_runtime_parameters", "tool"),
-    _model("llm/invoke", "invoke_llm", model_type="llm", framing="stream"),
-    _model("llm/num_tokens", "get_llm_num_tokens", model_type="llm"),
+    _model("llm/invoke", "invoke_llm", model_type="llm", framing="stream", nullable=("tools", "stop")),
+    _model("llm/num_tokens", "get_llm_num_tokens", model_type="llm", nullable=("tools",)),
     _model("text_embedding/invoke", "invoke_text_embedding", model_type="text-embedding", present=("texts",)),
     _model(
         "text_embedding/num_tokens",

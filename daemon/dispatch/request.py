@@ -114,12 +114,16 @@ def data_model(
     names: tuple[str, ...] = ("provider",),
     present: tuple[str, ...] = (),
     model_type: str | None = None,
+    nullable: tuple[str, ...] = (),
 ) -> type[DispatchData]:
     """A ``data`` model requiring what upstream's request type requires (``validate:"required"``
     in ``pkg/entities/requests``): non-empty strings ``names``, fields ``present``, and
-    ``model_type`` equal to the kind's (any when ``"*"``)."""
+    ``model_type`` equal to the kind's (any when ``"*"``); ``nullable`` fields are sent as
+    null when absent, as Go sends them."""
     fields: dict[str, Any] = {field: (Name, ...) for field in names}
     fields.update({field: (Any, ...) for field in present})
+    # Go sends every field of its request type, null when absent; the SDK needs some present.
+    fields.update({field: (Any, None) for field in nullable})
     fields["credentials"] = (NullableDict, Field(default_factory=dict))
     if model_type == "*":
         fields["model_type"] = (Name, ...)
