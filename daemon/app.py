@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from daemon import __version__, access, dispatch, metrics, tracepage
+from daemon import __version__, access, dispatch, management, metrics, tracepage
 from daemon.codec import get_codec, tool_request
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
@@ -243,6 +243,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
 
     routes = [
         *(Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS),
+        Route("/plugin/{tenant_id}/management/installation/ids", management.installed_ids, methods=["GET"]),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),

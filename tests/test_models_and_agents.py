@@ -133,3 +133,18 @@ def test_an_agent_strategy_that_raises_is_a_plugin_invoke_error(daemon: Daemon, 
         call(daemon, client, AGENT, "agent_strategy/invoke", data)
     assert caught.value.get_error_type() == "RuntimeError"
     assert caught.value.get_error_message() == "echo strategy was asked to fail"
+
+
+def test_installed_plugin_ids_by_category_for_any_tenant(daemon: Daemon, client: httpx.Client) -> None:
+    def ids(tenant: str, category: str) -> list[str]:
+        url = f"{daemon.url}/plugin/{tenant}/management/installation/ids"
+        data = dify.request(client, "GET", url, {"X-Api-Key": daemon.key}, params={"category": category})
+        return data["plugin_ids"]
+
+    assert ids("t1", "model") == [MODELS]
+    assert ids("another-tenant", "agent-strategy") == [AGENT]
+    tools = ids("t1", "tool")
+    assert {"demo/text_toolkit", "demo/notes", "demo/fastproto"} <= set(tools)
+    assert MODELS not in tools and AGENT not in tools
+    with pytest.raises(dify.PluginDaemonClientSideError):
+        ids("t1", "toys")
