@@ -244,6 +244,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
     routes = [
         *(Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS),
         Route("/plugin/{tenant_id}/management/installation/ids", management.installed_ids, methods=["GET"]),
+        Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),

@@ -2,11 +2,13 @@
 
 Every plugin in the plugins directory counts as installed for every tenant: the daemon does
 not install per tenant. Served so far: ``management/installation/ids`` (upstream's
-``ListInstalledPluginIDs``); the other management routes answer 404 until they are served.
+``ListInstalledPluginIDs``) and ``asset/{id}`` (a file of a plugin's ``_assets``, by upstream's
+id); the other management routes answer 404 until they are served.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -62,3 +64,37 @@ async def installed_ids(request: Request) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status)
     pools = daemon.runtime.pools.values()
     return success({"plugin_ids": [pool.spec.id for pool in pools if category in categories(pool.spec.path)]})
+
+
+ASSET_MAX_BYTES = 5 * 1024 * 1024
+
+
+@cache
+def assets(plugin_dir: Path) -> Mapping[str, Path]:
+    """A plugin's ``_assets`` files by upstream's id: sha256 of the bytes then the name, in hex,
+    plus the name's extension (``MediaBucket.Upload`` in langgenius/dify-plugin-daemon)."""
+    found: dict[str, Path] = {}
+    folder = plugin_dir / "_assets"
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > ASSET_MAX_BYTES:
+            continue
+        name = path.relative_to(folder).as_posix()
+        digest = hashlib.sha256(path.read_bytes() + name.encode()).hexdigest()
+        found[digest + path.suffix] = path
+    return found
+
+
+async def asset(request: Request) -> Response:
+    """The bytes of one asset, as upstream sends them (``application/octet-stream``)."""
+    daemon = request.app.state.daemon
+    try:
+        check_key(request, daemon.server_key)
+        tenant_id(request)
+        wanted = request.path_params["asset_id"]
+        for pool in daemon.runtime.pools.values():
+            path = assets(pool.spec.path).get(wanted)
+            if path is not None:
+                return Response(path.read_bytes(), media_type="application/octet-stream")
+        raise BadRequest(404, f"no asset {wanted!r} in any plugin")
+    except BadRequest as exc:
+        return JSONResponse(exc.body(), status_code=exc.status)

@@ -3,13 +3,15 @@ read as Dify's API server reads them (``tests/dify_client.py``)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from daemon.testing import Daemon
+from daemon.testing import PLUGINS, Daemon
 from tests import dify_client as dify
 
 MODELS = "demo/echo_models"
@@ -148,3 +150,15 @@ def test_installed_plugin_ids_by_category_for_any_tenant(daemon: Daemon, client:
     assert MODELS not in tools and AGENT not in tools
     with pytest.raises(dify.PluginDaemonClientSideError):
         ids("t1", "toys")
+
+
+def test_an_icon_is_served_by_upstreams_asset_id(daemon: Daemon, client: httpx.Client) -> None:
+    icon = (PLUGINS / "echo_models" / "_assets" / "icon.svg").read_bytes()
+    asset_id = hashlib.sha256(icon + b"icon.svg").hexdigest() + ".svg"
+    r = client.get(f"{daemon.url}/plugin/t1/asset/{asset_id}", headers={"X-Api-Key": daemon.key})
+    assert r.status_code == 200 and r.content == icon
+    assert r.headers["content-type"] == "application/octet-stream"
+    missing = client.get(f"{daemon.url}/plugin/t1/asset/{'0' * 64}.svg", headers={"X-Api-Key": daemon.key})
+    assert missing.status_code == 404
+    assert json.loads(missing.json()["message"])["error_type"] == "PluginDaemonNotFoundError"
+    assert client.get(f"{daemon.url}/plugin/t1/asset/{asset_id}").status_code == 401
