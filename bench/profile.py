@@ -108,10 +108,14 @@ def _by_source(text: str) -> str | None:
 # (one small dumps, then the pipe write that costs the time) is per-invocation work.
 _FUNCTIONS_FIRST = {
     ("runtime.py", "send"): "request handling",
+    ("connection.py", "send"): "request handling",
+    ("process.py", "send"): "request handling",
 }
 _DAEMON_FUNCTIONS = {
     ("runtime.py", "_read_stdout"): "pipe reads",
     ("runtime.py", "_handle_lines"): "other",
+    ("process.py", "_read_stdout"): "pipe reads",
+    ("connection.py", "_handle_lines"): "other",
     ("relay.py", "pipe_data_received"): "pipe reads",
     ("relay.py", "handle_lines"): "other",
     ("relay.py", "write_event"): "send path",
@@ -121,6 +125,9 @@ _DAEMON_FUNCTIONS = {
     ("codec.py", "sse_success"): "JSON encode",
     ("codec.py", "sse_error"): "JSON encode",
     ("codec.py", "_stdlib_dumps"): "JSON encode",
+    ("wire.py", "sse_success"): "JSON encode",
+    ("wire.py", "sse_error"): "JSON encode",
+    ("wire.py", "_stdlib_dumps"): "JSON encode",
 }
 _DAEMON_MODULES = {
     "stream.py": "stream hand-off",
@@ -129,9 +136,14 @@ _DAEMON_MODULES = {
     "sse.py": "send path",
     "app.py": "request handling",
     "dispatch.py": "request handling",
-    "codec.py": "request handling",
+    "codec.py": "request handling",  # wire.py before its rename
+    "wire.py": "request handling",
     "invocation.py": "other",
-    "runtime.py": "other",
+    "runtime.py": "other",  # before the runtime became a package
+    "process.py": "other",
+    "connection.py": "other",
+    "backwards.py": "other",
+    "pool.py": "other",
     "telemetry.py": "telemetry",
     "tracing.py": "telemetry",
     "metrics.py": "telemetry",

@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from daemon.codec import Codec, get_codec, sse_error, sse_success, tool_request
 from daemon.runtime import plugin_environment
+from daemon.wire import Codec, get_codec, sse_error, sse_success, tool_request
 
 RESPONSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"

@@ -20,15 +20,16 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from daemon import __version__, access, dispatch, management, metrics, tracepage
-from daemon.codec import get_codec, tool_request
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
 from daemon.invocation import Invocation, new_session
 from daemon.manifest import ManifestError, discover
 from daemon.metrics import RuntimeCollector
 from daemon.runtime import PluginUnavailable, Runtime
-from daemon.storage import BackwardsServices, Storage
+from daemon.runtime.backwards import BackwardsServices
+from daemon.storage import Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
+from daemon.wire import get_codec, tool_request
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
                 request,
                 kind,
                 server_key=daemon.server_key,
-                pools=daemon.runtime.pools,
+                find_pool=daemon.runtime.pool_for,
                 limit=settings.max_request_body_bytes,
             )
             instance = await ready.pool.acquire(settings.plugin_ready_timeout)
@@ -135,6 +136,21 @@ def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
+async def debugging_key(request: Request) -> Response:
+    """The key a plugin author gives the SDK (REMOTE_INSTALL_KEY) to debug against this tenant."""
+    daemon: Daemon = request.app.state.daemon
+    try:
+        dispatch.check_key(request, daemon.server_key)
+        tenant = dispatch.tenant_id(request)
+    except BadRequest as exc:
+        return _error(exc)
+    assert daemon.runtime is not None
+    if daemon.runtime.remote is None:
+        return _error(BadRequest(404, "remote debugging is turned off (PLUGIN_REMOTE_INSTALLING_ENABLED)"))
+    key = daemon.runtime.remote.keys.key_for(tenant)
+    return JSONResponse({"code": 0, "message": "success", "data": {"key": key}})
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "version": __version__})
 
@@ -148,7 +164,7 @@ async def list_plugins(request: Request) -> Response:
     assert daemon.runtime is not None
     body: dict[str, Any] = {
         "validator": daemon.settings.validator.value,
-        "plugins": [pool.describe() for pool in daemon.runtime.pools.values()],
+        "plugins": daemon.runtime.describe(request.query_params.get("tenant_id")),
         "load_errors": daemon.runtime.load_errors,
     }
     return JSONResponse(body)
@@ -245,6 +261,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         *(Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS),
         Route("/plugin/{tenant_id}/management/installation/ids", management.installed_ids, methods=["GET"]),
         Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
+        Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),

@@ -129,12 +129,7 @@ def serve(settings: Settings) -> None:
         sys.exit(f"plugin-daemon: {exc}")
     key = server_key(settings)
     app = create_app(settings, key)
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
+    loop = settings.event_loop.value
     log.info("listening on http://%s:%d", settings.server_host, settings.server_port)
     uvicorn.run(
         app,

@@ -39,6 +39,11 @@ class Access(StrEnum):
     OFF = "off"  # not served
 
 
+class EventLoop(StrEnum):
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"  # the standard library's loop
+
+
 class CodecName(StrEnum):
     ORJSON = "orjson"
     JSON = "json"
@@ -62,7 +67,12 @@ class Settings(BaseSettings):
     plugin_liveness_timeout: float = Field(60.0, gt=0)
     plugin_max_line_bytes: int = Field(5 * 1024 * 1024, ge=1024)
     plugin_restart_backoff_max: float = Field(30.0, gt=0)
+    plugin_max_start_failures: int = Field(3, ge=1)  # in a row, then the plugin is "failed"
     python_interpreter_path: str | None = None
+    event_loop: EventLoop = EventLoop.UVLOOP
+    plugin_remote_installing_enabled: bool = True
+    plugin_remote_installing_host: str = "127.0.0.1"
+    plugin_remote_installing_port: int = Field(5003, ge=0, le=65535)
 
     metrics_access: Access = Access.LOOPBACK
     debug_access: Access = Access.LOOPBACK

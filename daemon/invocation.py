@@ -18,9 +18,7 @@ import anyio
 from opentelemetry import propagate, trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
-from daemon import codec as wire
-from daemon import metrics
-from daemon.codec import Codec
+from daemon import metrics, wire
 from daemon.config import Settings
 from daemon.errors import CLIENT_GONE, SLOW_CLIENT, TIMEOUT, SessionError
 from daemon.manifest import ToolSpec
@@ -28,6 +26,7 @@ from daemon.runtime import PluginInstance
 from daemon.session import Session
 from daemon.sse import EventStreamResponse, SendBody
 from daemon.validation import new_variables
+from daemon.wire import Codec
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
@@ -110,7 +109,7 @@ class Invocation:
         session, codec = self.session, self.codec
         clock = time.perf_counter
         try:
-            self.instance.open_session(session, self.request)
+            await self.instance.open_session(session, self.request)
             with anyio.move_on_after(self.timeout) as deadline:
                 try:
                     async for batch in session.batches():

@@ -244,6 +244,7 @@ def start_daemon(
         {
             "SERVER_KEY": key,
             "SERVER_PORT": str(port),
+            "PLUGIN_REMOTE_INSTALLING_PORT": str(free_port()),  # never the shared default, 5003
             "PLUGINS_DIR": str(plugins_dir),
             "STATE_DIR": str(state_dir),
             **{k.upper(): str(v) for k, v in env.items()},

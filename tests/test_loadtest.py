@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from daemon import codec as wire
+from daemon import wire
 from daemon.testing import Daemon, Event, parse_sse
 from loadtest.expect import BrokenStream, Expect, WrongVerdict, fastproto_emit
 from loadtest.harness import Load, Monitor, make_plugins, run_design, survival_problems

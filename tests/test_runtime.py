@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 import signal
 import time
@@ -104,7 +106,7 @@ def test_no_heartbeat_at_start_fails_the_start_and_invocations_get_503(
 def test_exit_during_start_is_retried_with_growing_backoff(
     start: Callable[..., Daemon], fastproto: Callable[..., Path]
 ) -> None:
-    daemon = start(fastproto({"exit_during_start": 7}))
+    daemon = start(fastproto({"exit_during_start": 7}), plugin_max_start_failures=10)
     wait_for(lambda: daemon.plugins()[FP]["restarts"] >= 3)
     plugin = daemon.plugins()[FP]
     assert plugin["status"] == "starting"
@@ -115,6 +117,62 @@ def test_exit_during_start_is_retried_with_growing_backoff(
         if "restarting slot 0 in" in line
     ]
     assert delays[:3] == sorted(delays[:3]) and delays[0] < delays[2]
+
+
+def test_a_plugin_failing_every_start_is_failed_answers_at_once_and_recovers_when_repaired(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    plugins = fastproto({"exit_during_start": 7})
+    daemon = start(plugins, plugin_restart_backoff_max=1)  # the ready wait stays at 120 s
+    plugin = wait_for(lambda: (p := daemon.plugins()[FP])["status"] == "failed" and p)
+    assert "failed to start: exited (exit code 7)" in plugin["error"]
+    assert "fastproto: exiting during start-up with code 7" in plugin["stderr"]
+    assert len(plugin["stderr"]) <= 20
+    started = time.monotonic()
+    r = httpx.post(daemon.invoke_url(), **daemon.invocation(FP, "emit"), timeout=60)
+    assert time.monotonic() - started < 60  # answered without the ready wait (the client gives up at 60)
+    assert r.status_code == 503
+    assert "exited (exit code 7)" in r.json()["message"]
+    (plugins / "fastproto" / "fault.json").unlink()  # repaired on disk: the next retry starts it
+    daemon.wait_ready(FP)
+    plugin = daemon.plugins()[FP]
+    assert plugin["status"] == "ready" and plugin["error"] is None and plugin["stderr"] == []
+    assert daemon.invoke(FP, "emit", {"count": 1})[-1].ok
+
+
+def test_a_stderr_line_without_end_is_read_in_bounded_memory(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    flood = 300 * 1024 * 1024
+    daemon = start(fastproto({"stderr_bytes": flood}))
+    daemon.wait_ready(FP)  # the flood comes before the first heartbeat, so it has been read
+    rss = psutil.Process(daemon.proc.pid).memory_info().rss
+    assert rss < flood / 2, f"daemon RSS {rss >> 20} MiB after a {flood >> 20} MiB stderr line"
+    assert daemon.invoke(FP, "emit", {"count": 1})[-1].ok
+
+
+def test_a_stderr_flood_is_logged_at_a_bounded_rate(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    flood = 50 * 1024 * 1024
+    daemon = start(fastproto({"stderr_bytes": flood, "stderr_newlines": True}))
+    daemon.wait_ready(FP)
+    wait_for(lambda: "bytes/s of stderr; not logging" in daemon.log_path.read_text(errors="replace"))
+    assert daemon.log_path.stat().st_size < flood / 10
+
+
+def test_backwards_calls_are_bounded_per_session(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    events = daemon.invoke(FP, "emit", {"count": 1, "backwards_flood": 100_000, "hang": True})
+    error = last_error(events)
+    assert error["error_type"] == "PluginBackwardsInvocationLimitError"
+    assert "concurrent backwards calls" in error["message"]
+    assert httpx.get(f"{daemon.url}/health/check", timeout=60).status_code == 200
+    assert daemon.invoke(FP, "emit", {"count": 1, "storage_key": "k", "storage_value": "v"})[-1].ok
+    assert daemon.plugins()[FP]["restarts"] == 0
 
 
 def test_a_slow_start_is_waited_for(start: Callable[..., Daemon], fastproto: Callable[..., Path]) -> None:
@@ -171,6 +229,26 @@ def test_requests_go_to_the_least_busy_ready_instance(
                 counts = [i["sessions"] for i in daemon.plugins()[FP]["instances"]]
                 assert counts == [1, 1]
     wait_for(lambda: [i["sessions"] for i in daemon.plugins()[FP]["instances"]] == [0, 0])
+
+
+def test_requests_arriving_together_are_spread_over_the_instances(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto(), plugin_instances=2)
+    daemon.wait_ready(FP, instances=2)
+    request = daemon.invocation(FP, "emit", {"count": 1, "hang": True})
+    with contextlib.ExitStack() as stack, concurrent.futures.ThreadPoolExecutor(16) as pool:
+        client = stack.enter_context(httpx.Client(timeout=60))
+
+        def open_one() -> None:
+            response = stack.enter_context(client.stream("POST", daemon.invoke_url(), **request))
+            chunks = response.iter_raw()
+            next(chunks)
+            opened.append(chunks)  # keep a reference: a dropped iterator closes the response
+
+        opened: list[Any] = []
+        list(pool.map(lambda _: open_one(), range(16)))
+        assert sorted(i["sessions"] for i in daemon.plugins()[FP]["instances"]) == [8, 8]
 
 
 def test_plugins_get_a_minimal_environment_without_the_server_key(

@@ -19,7 +19,8 @@ import httpx
 import psutil
 import pytest
 
-from daemon.storage import BackwardsServices, Storage
+from daemon.runtime.backwards import BackwardsServices
+from daemon.storage import Storage
 from daemon.testing import Daemon, copy_plugin, start_daemon
 from tests.test_runtime import FP
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from daemon.storage import BackwardsError, BackwardsServices, Storage
+from daemon.runtime.backwards import BackwardsError, BackwardsServices
+from daemon.storage import Storage
 
 
 @pytest.fixture

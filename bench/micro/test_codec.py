@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench.messages import plugin_line, tool_messages
-from daemon.codec import CODECS, sse_success
+from daemon.wire import CODECS, sse_success
 
 MESSAGES = tool_messages()
 CODEC_NAMES = sorted(CODECS)

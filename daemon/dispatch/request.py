@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from daemon.dispatch.kinds import Kind
     from daemon.manifest import ToolSpec
     from daemon.runtime import PluginPool
+    from daemon.runtime.tcp import RemotePlugin
 
 TENANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PLUGIN_ID = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)/([A-Za-z0-9_][A-Za-z0-9_.-]*)(:[^@]+)?(@\S+)?$")
@@ -211,7 +212,7 @@ class Prepared:
     """A request that passed every check: who asks, which plugin, what to send it."""
 
     tenant: str
-    pool: PluginPool
+    pool: PluginPool | RemotePlugin
     parsed: Any
     tool: ToolSpec | None
 
@@ -221,14 +222,17 @@ async def prepare(
     kind: Kind,
     *,
     server_key: str,
-    pools: Mapping[str, PluginPool],
+    find_pool: Callable[[str, str], PluginPool | RemotePlugin | None],
     limit: int,
 ) -> Prepared:
-    """Every check of a dispatch request, in upstream's order: key, tenant, plugin, body."""
+    """Every check of a dispatch request, in upstream's order: key, tenant, plugin, body.
+
+    ``find_pool(plugin_id, tenant_id)`` is what serves the plugin to the tenant (a remote-debug
+    connection of that tenant first)."""
     check_key(request, server_key)
     tenant = tenant_id(request)
     plugin = plugin_id(request)
-    pool = pools.get(plugin)
+    pool = find_pool(plugin, tenant)
     if pool is None:
         raise BadRequest(404, f"plugin {plugin!r} is not installed", error_type=PLUGIN_NOT_FOUND)
     body = await read_json(request, limit)

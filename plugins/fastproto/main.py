@@ -4,7 +4,8 @@ It starts in milliseconds and handles thousands of invocations per second, so
 benchmarks measure the daemon rather than the SDK. Start-up faults come from
 fault.json in the working directory and/or the FASTPROTO_FAULT env var (JSON,
 its keys win): start_delay_s, exit_during_start, no_heartbeat,
-heartbeat_interval_s, close_stdout_after_s.
+heartbeat_interval_s, close_stdout_after_s, stderr_bytes, stderr_newlines,
+stall_stdin.
 """
 
 from __future__ import annotations
@@ -130,6 +131,14 @@ def serve(session: Session, data: dict[str, Any]) -> None:
     out.session(sid, "end", {})
 
 
+def write_stderr(total: int, newlines: bool) -> None:
+    """A stderr flood: ``total`` bytes, as 100-byte lines or as one line without a newline."""
+    block = (b"x" * 99 + b"\n") * 640 if newlines else b"x" * 64000
+    written = 0
+    while written < total:
+        written += os.write(2, block[: total - written])
+
+
 def heartbeat(out: Output, interval: float, stopped: threading.Event) -> None:
     """First beat at once (it means ready), then every interval until stopped."""
     while not stopped.is_set():
@@ -189,7 +198,11 @@ def main() -> None:
     out = Output()
     out.raw(json.dumps(MANIFEST, ensure_ascii=False, separators=(",", ":")) + "\n\n")
     out.log(f"Installed tool: {PROVIDER}")
+    if faults.get("stderr_bytes"):
+        write_stderr(int(faults["stderr_bytes"]), bool(faults.get("stderr_newlines")))
     if faults.get("exit_during_start") is not None:
+        sys.stderr.write(f"fastproto: exiting during start-up with code {faults['exit_during_start']}\n")
+        sys.stderr.flush()
         os._exit(int(faults["exit_during_start"]))
 
     stopped = threading.Event()
@@ -205,6 +218,8 @@ def main() -> None:
 
     backwards = Backwards(out)
     workers = Workers()
+    if faults.get("stall_stdin"):
+        stopped.wait()  # heartbeats go on, stdin is never read
     for raw in sys.stdin.buffer:
         line = raw.strip()
         if not line:

@@ -88,6 +88,12 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
     if stop_heartbeat:
         session.heartbeats_stopped.set()
 
+    flood = as_int(params.get("backwards_flood"), 0)
+    for _ in range(flood):  # storage calls sent without waiting for their answers
+        request = {"opt": "get", "key": "flood"}
+        invoke = {"type": "storage", "backwards_request_id": os.urandom(8).hex(), "request": request}
+        session.out.session(session.session_id, "invoke", invoke)
+
     for i in range(as_int(params.get("garbage"), 0)):
         session.out.raw(f"fastproto stray print {i}: this line is not JSON\n")
     oversized = as_int(params.get("oversized"), 0)

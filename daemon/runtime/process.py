@@ -1,0 +1,319 @@
+"""A transport that is a child process: spawn, frame stdout into lines, write stdin, kill, reap.
+
+The process runs ``<venv>/bin/python -m <entrypoint>`` in the plugin directory, in its own
+process group, with a minimal environment (``INSTALL_METHOD=local``; never the server key)
+and ``PR_SET_PDEATHSIG`` (via ``setpriv``) so it dies with the daemon.
+
+Two threads per process own its pipes: the stdout reader splits lines (bounded length) and
+hands each chunk's lines to the connection *on the reader thread*, so sessions are closed
+from a thread other than their consumer's (the race the validator designs differ on); the
+stderr reader keeps a bounded tail for the pool's ``failed`` state and logs at a bounded rate.
+Writes go through an asyncio pipe transport with flow control: :meth:`send` waits while the
+plugin is not reading, so requests cannot pile up in the daemon.
+
+The exit cause is a value: :attr:`exited` resolves to "<cause> (exit code N)".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from daemon.errors import INSTANCE_DIED
+from daemon.manifest import PluginSpec
+
+log = logging.getLogger("daemon.runtime")
+
+READ_CHUNK = 256 * 1024
+WRITE_HIGH_WATER = 256 * 1024  # bytes queued for a plugin's stdin before send() waits
+STDERR_LINE_CHARS = 2000  # longer stderr lines are cut (the rest is read and dropped)
+STDERR_TAIL_LINES = 20  # kept for GET /plugins when the plugin fails to start
+STDERR_LOG_BYTES_PER_S = 64 * 1024  # stderr copied into the daemon's log, at most
+_SETPRIV = shutil.which("setpriv")
+
+LinesHandler = Callable[[list[bytes]], None]
+
+
+def plugin_environment(venv_python: Path) -> dict[str, str]:
+    """The whole environment a plugin gets: enough to run, nothing secret."""
+    env = {
+        "PATH": f"{venv_python.parent}:/usr/local/bin:/usr/bin:/bin",
+        "INSTALL_METHOD": "local",
+        "PYTHONUNBUFFERED": "1",
+        "LANG": "C.UTF-8",
+    }
+    for name in ("HOME", "TZ"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+class _FlowControl(asyncio.Protocol):
+    """Lets :meth:`ProcessTransport.send` wait while the pipe's buffer is above its high-water mark."""
+
+    def __init__(self) -> None:
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+
+    def pause_writing(self) -> None:
+        self._resumed.clear()
+
+    def resume_writing(self) -> None:
+        self._resumed.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._resumed.set()  # nobody waits on a dead pipe
+
+    async def drained(self) -> None:
+        await self._resumed.wait()
+
+
+class StderrTail:
+    """A plugin's stderr: a bounded tail of lines, copied into the log at a bounded rate."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._lock = threading.Lock()  # the stderr thread appends, the loop takes snapshots
+        self.done = threading.Event()  # set when the stream has ended
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+        self._suppressed = 0
+
+    def add(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip()
+        if not line:
+            return
+        with self._lock:
+            self._lines.append(line[:STDERR_LINE_CHARS])
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._flush_suppressed()
+            self._window_start, self._window_bytes = now, 0
+        self._window_bytes += len(raw)
+        if self._window_bytes > STDERR_LOG_BYTES_PER_S:
+            if not self._suppressed:
+                log.warning(
+                    "plugin %s: more than %d bytes/s of stderr; not logging the rest of this second",
+                    self._name,
+                    STDERR_LOG_BYTES_PER_S,
+                )
+            self._suppressed += len(raw)
+            return
+        log.info("plugin %s stderr: %s", self._name, line[:STDERR_LINE_CHARS])
+
+    def _flush_suppressed(self) -> None:
+        if self._suppressed:
+            log.warning(
+                "plugin %s: %d bytes of stderr not logged (more than %d bytes/s)",
+                self._name,
+                self._suppressed,
+                STDERR_LOG_BYTES_PER_S,
+            )
+            self._suppressed = 0
+
+    def close(self) -> None:
+        self._flush_suppressed()
+        self.done.set()
+
+    def snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    async def last_lines(self, wait: float = 1.0) -> list[str]:
+        """The tail, once the stream has ended (or after ``wait`` s: the process may live on)."""
+        await asyncio.to_thread(self.done.wait, wait)
+        return self.snapshot()
+
+
+class ProcessTransport:
+    """One plugin process: its pipes, its threads, its exit."""
+
+    death_error_type = INSTANCE_DIED
+
+    def __init__(
+        self,
+        spec: PluginSpec,
+        name: str,
+        *,
+        python: Path,
+        max_line_bytes: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.spec = spec
+        self.name = name
+        self._python = python
+        self._max_line = max_line_bytes
+        self._loop = loop
+        self.pid: int | None = None
+        self.last_output = time.monotonic()
+        self.stderr = StderrTail(name)
+        self.exited: asyncio.Future[str] = loop.create_future()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._flow: _FlowControl | None = None
+        self._kill_reason: str | None = None
+        # Held while signalling and while reaping: a reaped pid may belong to someone else.
+        self._reap_lock = threading.Lock()
+        self._reaped = False
+
+    async def start(self, on_lines: LinesHandler, on_close: Callable[[str], None]) -> None:
+        """Spawn; ``on_lines`` and then ``on_close(outcome)`` are called on the reader thread."""
+        cmd = [str(self._python), "-m", self.spec.entrypoint]
+        if _SETPRIV:
+            cmd = [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
+        # Popen runs on the loop thread on purpose: PDEATHSIG fires when the *thread*
+        # that forked the child exits, and the loop thread lives as long as we do.
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=self.spec.path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=plugin_environment(self._python),
+            start_new_session=True,
+            bufsize=0,
+        )
+        self.pid = self._proc.pid
+        try:
+            self._stdin, self._flow = await self._loop.connect_write_pipe(_FlowControl, self._proc.stdin)
+            self._stdin.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            threading.Thread(target=self._read_stderr, name=f"stderr {self.name}", daemon=True).start()
+            threading.Thread(
+                target=self._read_stdout, args=(on_lines, on_close), name=f"reader {self.name}", daemon=True
+            ).start()
+        except BaseException:
+            self.kill("failed to start its reader")
+            await asyncio.to_thread(self._reap)
+            raise
+        log.info("plugin %s: spawned pid %d", self.name, self.pid)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes written for the plugin that it has not read yet (bounded by flow control)."""
+        return self._stdin.get_write_buffer_size() if self._stdin is not None else 0
+
+    async def send(self, data: bytes) -> None:
+        """Write one frame, waiting first while the plugin is not reading its stdin."""
+        if self._flow is not None:
+            await self._flow.drained()
+        if self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(data)
+
+    def kill(self, reason: str) -> None:
+        """Kill the process group (once reaped, never: the pid may be reused)."""
+        if self._kill_reason is None:
+            self._kill_reason = reason
+        with self._reap_lock:
+            if self._proc is not None and not self._reaped:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+
+    @property
+    def kill_reason(self) -> str | None:
+        return self._kill_reason
+
+    # -- the reader threads --------------------------------------------------------
+
+    def _read_stdout(self, on_lines: LinesHandler, on_close: Callable[[str], None]) -> None:
+        reason = "exited"
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        limit = self._max_line
+        pending = b""
+        try:
+            while True:
+                chunk = os.read(fd, READ_CHUNK)
+                if not chunk:
+                    if not self._exited_within(1.0):  # EOF usually means exit: give it a moment
+                        reason = "closed its stdout"
+                    break
+                self.last_output = time.monotonic()
+                data = pending + chunk if pending else chunk
+                lines = data.split(b"\n")
+                pending = lines.pop()
+                if len(pending) > limit or any(len(line) > limit for line in lines):
+                    reason = f"wrote a stdout line longer than the {limit} byte limit"
+                    log.error("plugin %s %s; failing the instance", self.name, reason)
+                    break
+                on_lines(lines)
+        except Exception as exc:  # a bug here must not leave sessions hanging
+            reason = f"reader failed: {exc!r}"
+            log.exception("plugin %s: reader failed", self.name)
+        finally:
+            self.kill(reason)  # stdout may have closed while the process lives on
+            code = self._reap()
+            self._proc.stdout.close()
+            outcome = f"{self._kill_reason or reason} (exit code {code})"
+            try:
+                on_close(outcome)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
+                    self._loop.call_soon_threadsafe(self._set_exited, outcome)
+
+    def _exited_within(self, seconds: float) -> bool:
+        assert self._proc is not None
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            # WNOWAIT: look without reaping, so kill() stays safe until _reap().
+            with contextlib.suppress(ChildProcessError):
+                info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                if info is not None:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def _reap(self) -> int:
+        assert self._proc is not None
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+        with self._reap_lock:
+            code = self._proc.wait()
+            self._reaped = True
+        return code
+
+    def _read_stderr(self) -> None:
+        """Bounded: a line without a newline is cut at the line limit, the rest read and dropped."""
+        assert self._proc is not None and self._proc.stderr is not None
+        fd = self._proc.stderr.fileno()
+        limit = STDERR_LINE_CHARS * 4  # bytes: room for any UTF-8 text of the kept length
+        pending = b""
+        overlong = False  # the current line already hit the limit; drop until its newline
+        try:
+            while chunk := os.read(fd, READ_CHUNK):
+                *lines, rest = chunk.split(b"\n")
+                for line in lines:
+                    if not overlong:
+                        self.stderr.add(pending + line)
+                    pending, overlong = b"", False
+                if not overlong:
+                    pending += rest
+                    if len(pending) > limit:
+                        self.stderr.add(pending[:limit] + b" [cut]")
+                        pending, overlong = b"", True
+            if pending and not overlong:
+                self.stderr.add(pending)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._proc.stderr.close()
+            self.stderr.close()
+
+    def _set_exited(self, outcome: str) -> None:
+        if not self.exited.done():
+            self.exited.set_result(outcome)
+        if self._stdin is not None and not self._stdin.is_closing():
+            # On the stdlib loop the pipe's own watcher may have closed it half-way;
+            # abort() then raises, and must not stop anything that follows.
+            with contextlib.suppress(Exception):
+                self._stdin.abort()
