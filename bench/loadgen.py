@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.errors import unwrap
+
 
 @dataclass
 class LoadResult:
@@ -131,7 +133,7 @@ def outcome(body: bytes | bytearray) -> str:
     last = json.loads(bytes(body[start + 6 :]))
     if last["code"] == 0:
         return "ok"
-    return str(json.loads(last["message"]).get("error_type"))
+    return str(unwrap(last["message"]).get("error_type"))
 
 
 def request_bytes(host: str, port: int, path: str, headers: dict[str, str], body: dict[str, Any]) -> bytes:

@@ -7,7 +7,7 @@ import gc
 import hmac
 import html
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -19,16 +19,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from daemon import __version__, access, dispatch, metrics, tracepage
+from daemon import __version__, access, dispatch, management, metrics, tracepage
 from daemon.config import Access, Settings
-from daemon.dispatch import BadRequest
+from daemon.dispatch import KINDS, BadRequest, Kind
 from daemon.invocation import Invocation, new_session
 from daemon.limits import BodyLimit, Budget
-from daemon.manifest import ManifestError, ToolSpec, discover
+from daemon.manifest import ManifestError, discover
 from daemon.metrics import RuntimeCollector
-from daemon.runtime import PluginPool, PluginUnavailable, Runtime
+from daemon.runtime import PluginUnavailable, Runtime
 from daemon.runtime.backwards import BackwardsServices
-from daemon.runtime.tcp import RemotePlugin
 from daemon.shutdown import Drain
 from daemon.storage import Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
@@ -86,83 +85,64 @@ class Daemon:
             self.storage.close()
         self.tracing.shutdown()
 
-    def pool(self, plugin_id: str, tenant_id: str) -> PluginPool | RemotePlugin:
-        assert self.runtime is not None
-        pool = self.runtime.pool_for(plugin_id, tenant_id)
-        if pool is None:
-            raise BadRequest(404, f"plugin {plugin_id!r} is not installed")
-        return pool
-
 
 def _error(exc: BadRequest) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-def _tool(pool: PluginPool | RemotePlugin, provider: str, tool: str | None) -> ToolSpec | None:
-    spec = pool.spec.providers.get(provider)
-    if spec is None:
-        raise BadRequest(404, f"plugin {pool.spec.id!r} has no tool provider {provider!r}")
-    if tool is None:
-        return None
-    found = spec.tools.get(tool)
-    if found is None:
-        raise BadRequest(404, f"provider {provider!r} of plugin {pool.spec.id!r} has no tool {tool!r}")
-    return found
+def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
+    """The route of one dispatch kind: checks, a ready instance, then the relayed session."""
 
+    async def endpoint(request: Request) -> Response:
+        daemon: Daemon = request.app.state.daemon
+        settings = daemon.settings
+        assert daemon.runtime is not None
+        if daemon.drain.draining:
+            return _error(BadRequest(503, "the daemon is shutting down"))
+        try:
+            ready = await dispatch.prepare(
+                request,
+                kind,
+                server_key=daemon.server_key,
+                find_pool=daemon.runtime.pool_for,
+                limit=settings.max_request_body_bytes,
+            )
+            instance = await ready.pool.acquire(settings.plugin_ready_timeout)
+        except BadRequest as exc:
+            return _error(exc)
+        except PluginUnavailable as exc:
+            # Dify's client treats "plugin runtime not found" as a transient outage worth a retry.
+            return _error(BadRequest(503, f"plugin runtime not found: {exc}"))
+        parsed = ready.parsed
+        session = new_session(
+            instance, ready.tool, settings=settings, tenant_id=ready.tenant, budget=daemon.buffers
+        )
+        envelope = tool_request(
+            session.id,
+            user_id=parsed.user_id,
+            access_type=kind.type,
+            action=kind.action,
+            data=parsed.data.model_dump(),
+            conversation_id=parsed.conversation_id,
+            message_id=parsed.message_id,
+            app_id=parsed.app_id,
+            endpoint_id=parsed.endpoint_id,
+            context=parsed.context,
+        )
+        invocation = Invocation(
+            instance,
+            envelope,
+            session,
+            codec=daemon.codec,
+            timeout=settings.plugin_max_execution_timeout,
+            design=settings.validator.value,
+            traced=daemon.tracing.enabled,
+            write_timeout=settings.client_write_timeout,
+        )
+        return daemon.drain.guard(session, invocation.response())  # type: ignore[return-value]
 
-async def _dispatch(request: Request, action: str) -> Response:
-    daemon: Daemon = request.app.state.daemon
-    settings = daemon.settings
-    if daemon.drain.draining:
-        return _error(BadRequest(503, "the daemon is shutting down"))
-    try:
-        dispatch.check_key(request, daemon.server_key)
-        tenant = dispatch.tenant_id(request)
-        plugin_id = dispatch.plugin_id(request)
-        pool = daemon.pool(plugin_id, tenant)
-        body = await dispatch.read_json(request, settings.max_request_body_bytes)
-        if action == "invoke_tool":
-            parsed = dispatch.parse(dispatch.InvokeToolRequest, body)
-            tool = _tool(pool, parsed.data.provider, parsed.data.tool)
-        else:
-            parsed = dispatch.parse(dispatch.ValidateCredentialsRequest, body)
-            tool = _tool(pool, parsed.data.provider, None)
-        instance = await pool.acquire(settings.plugin_ready_timeout)
-    except BadRequest as exc:
-        return _error(exc)
-    except PluginUnavailable as exc:
-        return _error(BadRequest(503, str(exc)))
-    session = new_session(instance, tool, settings=settings, tenant_id=tenant, budget=daemon.buffers)
-    envelope = tool_request(
-        session.id,
-        user_id=parsed.user_id,
-        action=action,
-        data=parsed.data.model_dump(),
-        conversation_id=parsed.conversation_id,
-        message_id=parsed.message_id,
-        app_id=parsed.app_id,
-        endpoint_id=parsed.endpoint_id,
-        context=parsed.context,
-    )
-    invocation = Invocation(
-        instance,
-        envelope,
-        session,
-        codec=daemon.codec,
-        timeout=settings.plugin_max_execution_timeout,
-        design=settings.validator.value,
-        traced=daemon.tracing.enabled,
-        write_timeout=settings.client_write_timeout,
-    )
-    return daemon.drain.guard(session, invocation.response())  # type: ignore[return-value]
-
-
-async def invoke_tool(request: Request) -> Response:
-    return await _dispatch(request, "invoke_tool")
-
-
-async def validate_credentials(request: Request) -> Response:
-    return await _dispatch(request, "validate_tool_credentials")
+    endpoint.__name__ = endpoint.__qualname__ = kind.action
+    return endpoint
 
 
 async def debugging_key(request: Request) -> Response:
@@ -261,9 +241,7 @@ async def debug_login(request: Request) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     message = f"{exc.detail}: {request.method} {request.url.path}"
-    return JSONResponse(
-        {"code": -exc.status_code, "message": message, "data": None}, status_code=exc.status_code
-    )
+    return _error(BadRequest(exc.status_code, message))
 
 
 def create_app(settings: Settings, server_key: str, tracing: Tracing | None = None) -> Starlette:
@@ -282,12 +260,9 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
             await daemon.stop()
 
     routes = [
-        Route("/plugin/{tenant_id}/dispatch/tool/invoke", invoke_tool, methods=["POST"]),
-        Route(
-            "/plugin/{tenant_id}/dispatch/tool/validate_credentials",
-            validate_credentials,
-            methods=["POST"],
-        ),
+        *(Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS),
+        Route("/plugin/{tenant_id}/management/installation/ids", management.installed_ids, methods=["GET"]),
+        Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
         Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),

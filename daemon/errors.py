@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,3 +37,50 @@ SLOW_CLIENT = "SlowClientError"
 TIMEOUT = "PluginExecutionTimeoutError"
 CLIENT_GONE = "ClientDisconnected"
 SHUTDOWN = "DaemonShuttingDownError"
+
+
+# Upstream's outer error types (``internal/types/exception`` in langgenius/dify-plugin-daemon).
+# Dify's API server dispatches on these alone; any other outer type becomes a bare Exception.
+PLUGIN_INVOKE_ERROR = "PluginInvokeError"  # an error read from a plugin's stream; inner JSON in message
+INTERNAL_ERROR = "PluginDaemonInternalServerError"  # timeout, no runtime, the daemon's own failure
+BAD_REQUEST = "PluginDaemonBadRequestError"
+NOT_FOUND = "PluginDaemonNotFoundError"  # a route or resource that does not exist
+PLUGIN_NOT_FOUND = "PluginNotFoundError"  # the plugin is not installed
+UNAUTHORIZED = "PluginDaemonUnauthorizedError"
+
+
+def envelope(
+    code: int, error_type: str, message: str, args: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Upstream's error response: ``message`` is itself the JSON of ``{message, error_type, args}``."""
+    inner = json.dumps(
+        {"message": message, "error_type": error_type, "args": dict(args) if args is not None else None},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return {"code": code, "message": inner, "data": None}
+
+
+def stream_error(error: SessionError) -> dict[str, Any]:
+    """An error that ends a stream, wrapped as upstream wraps a plugin's: ``PluginInvokeError``
+    whose message is the JSON of the plugin's (or the daemon's) own ``{message, error_type, args}``."""
+    inner = json.dumps(
+        {"message": error.message, "error_type": error.error_type, "args": error.details},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return envelope(-500, PLUGIN_INVOKE_ERROR, inner)
+
+
+def unwrap(message: str) -> dict[str, Any]:
+    """The most specific ``{message, error_type, args}`` inside an error event's ``message``:
+    the plugin's own error for a ``PluginInvokeError``, else the daemon's."""
+    outer = json.loads(message)
+    if outer.get("error_type") == PLUGIN_INVOKE_ERROR:
+        try:
+            inner = json.loads(outer.get("message") or "")
+        except ValueError:
+            return outer
+        if isinstance(inner, dict) and "error_type" in inner:
+            return inner
+    return outer

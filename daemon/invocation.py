@@ -144,11 +144,12 @@ class Invocation:
                     await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
             if deadline.cancelled_caught:
                 self.outcome = TIMEOUT
-                message = f"the plugin did not finish within {self.timeout:g} s"
+                # Upstream's words ("killed by timeout") first, as its final event says them.
+                message = f"killed by timeout: the plugin did not finish within {self.timeout:g} s"
                 self.error = f"{TIMEOUT}: {message}"
                 session.close(SessionError(TIMEOUT, message))
                 with anyio.move_on_after(FINAL_EVENT_GRACE):
-                    await send_body(wire.sse_error(codec, TIMEOUT, message))
+                    await send_body(wire.sse_daemon_error(codec, message))
         finally:
             log.debug("session %s on %s ended: %s", session.id, self.instance.name, self.outcome)
             self.instance.release(session)

@@ -22,11 +22,16 @@ import threading
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, envelope
+
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 
 
 def _json_error(status: int, message: str) -> bytes:
-    return json.dumps({"code": -status, "message": message, "data": None}).encode()
+    """Upstream's error body, as every other refusal of the daemon has it."""
+    server_side = status >= 500
+    error_type = INTERNAL_ERROR if server_side else BAD_REQUEST
+    return json.dumps(envelope(-500 if server_side else -status, error_type, message)).encode()
 
 
 def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol]:

@@ -176,6 +176,12 @@ def load_provider(
     return ProviderSpec(name, tools)
 
 
+def _declares_other_kinds(plugins: Any) -> bool:
+    """Models, agent strategies, datasources, triggers, endpoints: served, but not parsed here."""
+    kinds = ("models", "agent_strategies", "datasources", "triggers", "endpoints")
+    return isinstance(plugins, Mapping) and any(plugins.get(kind) for kind in kinds)
+
+
 def load_plugin(root: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCHEMA) -> PluginSpec:
     root = root.resolve()
     path = root / "manifest.yaml"
@@ -192,8 +198,8 @@ def load_plugin(root: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCH
     for provider_file in provider_files or []:
         provider = load_provider(root, str(provider_file), backend)
         providers[provider.name] = provider
-    if not providers:
-        raise ManifestError(f"{path}: declares no tool providers under 'plugins.tools'")
+    if not providers and not _declares_other_kinds(plugins):
+        raise ManifestError(f"{path}: declares nothing to serve under 'plugins' (tools, models, ...)")
     return PluginSpec(
         path=root,
         author=_name(_field(data, "author", path), "author", path),

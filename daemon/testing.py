@@ -15,12 +15,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+
+from daemon.errors import unwrap
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
@@ -67,8 +70,14 @@ class Event:
         return self.raw["data"]
 
     @property
-    def error(self) -> dict[str, Any]:
+    def envelope(self) -> dict[str, Any]:
+        """The daemon-level ``{message, error_type, args}`` (``PluginInvokeError`` for a stream's error)."""
         return json.loads(self.raw["message"])
+
+    @property
+    def error(self) -> dict[str, Any]:
+        """The most specific error: the plugin's (or validation's) own inside a ``PluginInvokeError``."""
+        return unwrap(self.raw["message"])
 
 
 def parse_sse(body: bytes) -> list[Event]:
@@ -262,3 +271,19 @@ def start_daemon(
             proc.kill()
             raise AssertionError(f"daemon did not come up:\n{daemon.log()}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serving(
+    tmp: Path, copies: list[tuple[str, dict[str, Any] | None, str | None]], **env: Any
+) -> Iterator[Daemon]:
+    """A daemon over private copies of bundled plugins (name, fault, renamed as), stopped after."""
+    plugins = tmp / "plugins"
+    plugins.mkdir()
+    for name, fault, as_name in copies:
+        copy_plugin(name, plugins, fault, as_name=as_name)
+    daemon = start_daemon(plugins, tmp / "state", tmp / "daemon.log", **env)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from daemon.config import CodecName
+from daemon.errors import INTERNAL_ERROR, SessionError, envelope, stream_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ def tool_request(
     *,
     user_id: str,
     action: str,
+    access_type: str = "tool",
     data: dict[str, Any],
     conversation_id: str | None = None,
     message_id: str | None = None,
@@ -63,7 +65,8 @@ def tool_request(
     endpoint_id: str | None = None,
     context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The envelope the SDK expects on stdin for one invocation."""
+    """The envelope the SDK expects on stdin for one invocation of any kind: the SDK routes it
+    by ``data.type`` (``access_type``) and ``data.action``."""
     return {
         "session_id": session_id,
         "event": "request",
@@ -72,7 +75,7 @@ def tool_request(
         "app_id": app_id,
         "endpoint_id": endpoint_id,
         "context": context or {},
-        "data": {"user_id": user_id, "type": "tool", "action": action, **data},
+        "data": {"user_id": user_id, "type": access_type, "action": action, **data},
     }
 
 
@@ -101,10 +104,15 @@ def sse_success(codec: Codec, message: Any) -> bytes:
 
 
 def sse_error(codec: Codec, error_type: str, message: str, args: dict[str, Any] | None = None) -> bytes:
-    """The final SSE event of a failed invocation.
+    """The final SSE event of a stream that ended with an error.
 
-    Upstream puts a JSON *string* in ``message``; callers decode it twice.
+    As upstream: the outer type is ``PluginInvokeError`` and its message is the JSON of the
+    ``{message, error_type, args}`` the plugin (or the daemon, e.g. a failed output
+    validation) gave, so Dify's client sees ``error_type`` only after decoding twice.
     """
-    inner = codec.dumps({"message": message, "error_type": error_type, "args": args or {}})
-    body = {"code": -500, "message": inner.decode(), "data": None}
-    return b"data: " + codec.dumps(body) + b"\n\n"
+    return b"data: " + codec.dumps(stream_error(SessionError(error_type, message, args))) + b"\n\n"
+
+
+def sse_daemon_error(codec: Codec, message: str) -> bytes:
+    """A final SSE event for the daemon's own failure (a timeout): ``PluginDaemonInternalServerError``."""
+    return b"data: " + codec.dumps(envelope(-500, INTERNAL_ERROR, message)) + b"\n\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,13 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     daemon.stop()
 
 
+UPSTREAM_TYPES = {
+    "PluginDaemonBadRequestError",
+    "PluginDaemonUnauthorizedError",
+    "PluginDaemonNotFoundError",
+    "PluginNotFoundError",
+    "PluginDaemonInternalServerError",
+}
 GOOD = {"user_id": "u", "data": {"provider": "fastproto", "tool": "emit", "tool_parameters": {}}}
 
 
@@ -56,8 +64,11 @@ def problem(r: httpx.Response, status: int) -> str:
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers["content-type"] == "application/json"
     body = r.json()
-    assert body["code"] == -status and body["data"] is None
-    return body["message"]
+    assert body["code"] == (-500 if status >= 500 else -status) and body["data"] is None
+    # Upstream's shape: ``message`` is the JSON of ``{message, error_type, args}``.
+    inner = json.loads(body["message"])
+    assert inner["error_type"] in UPSTREAM_TYPES, inner
+    return inner["message"]
 
 
 def test_the_good_request_works(daemon: Daemon) -> None:
@@ -107,7 +118,6 @@ def test_malformed_bodies_are_400(daemon: Daemon, content: bytes, expected: str)
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"data": GOOD["data"]}, "user_id"),
         ({"user_id": 5, "data": GOOD["data"]}, "user_id"),
         ({"user_id": "u"}, "data"),
         ({"user_id": "u", "data": []}, "data"),
@@ -128,7 +138,6 @@ def test_malformed_bodies_are_400(daemon: Daemon, content: bytes, expected: str)
         ({"user_id": "u", "data": {"provider": "", "tool": "emit"}}, "data.provider"),
         ({"user_id": "u", "data": {"provider": "fastproto", "tool": "t" * 257}}, "data.tool"),
         ({"user_id": "u", "data": {**GOOD["data"], "credential_type": 1}}, "data.credential_type"),
-        ({"user_id": None, "data": GOOD["data"]}, "user_id"),
         ({"user_id": ["u"], "data": GOOD["data"]}, "user_id"),
     ],
 )
@@ -136,7 +145,7 @@ def test_missing_or_mistyped_fields_are_422_and_named(daemon: Daemon, body: Any,
     r = post(daemon, json=body)
     message = problem(r, 422)
     assert message.startswith("invalid request body: ")
-    assert field in [e["field"] for e in r.json()["errors"]], r.json()
+    assert field in [e["field"] for e in json.loads(r.json()["message"])["args"]["errors"]], r.json()
 
 
 @pytest.mark.parametrize("value", [None, True, 0, -1.5, "s", "", [], [1, "a"], {}, {"a": {"b": None}}])
@@ -149,27 +158,25 @@ def test_parameter_values_of_every_json_type_are_accepted(daemon: Daemon, value:
     assert r.status_code == 200 and r.text.startswith("data: ")
 
 
+def test_an_unknown_plugin_is_404_plugin_not_found(daemon: Daemon) -> None:
+    headers = {**daemon.headers(FP), "X-Plugin-ID": "demo/nope"}
+    r = post(daemon, json=GOOD, headers=headers)
+    assert problem(r, 404) == "plugin 'demo/nope' is not installed"
+    assert json.loads(r.json()["message"])["error_type"] == "PluginNotFoundError"
+
+
 @pytest.mark.parametrize(
-    ("plugin", "body", "expected"),
+    ("data", "expected"),
     [
-        ("demo/nope", GOOD, "plugin 'demo/nope' is not installed"),
-        (
-            FP,
-            {"user_id": "u", "data": {"provider": "nope", "tool": "emit"}},
-            "plugin 'demo/fastproto' has no tool provider 'nope'",
-        ),
-        (
-            FP,
-            {"user_id": "u", "data": {"provider": "fastproto", "tool": "nope"}},
-            "provider 'fastproto' of plugin 'demo/fastproto' has no tool 'nope'",
-        ),
+        ({"provider": "nope", "tool": "emit"}, "Provider `nope` not found"),
+        ({"provider": "fastproto", "tool": "nope"}, "Tool `nope` not found for provider `fastproto`"),
     ],
 )
-def test_unknown_plugin_provider_or_tool_is_404(
-    daemon: Daemon, plugin: str, body: Any, expected: str
-) -> None:
-    headers = {**daemon.headers(FP), "X-Plugin-ID": plugin}
-    assert problem(post(daemon, json=body, headers=headers), 404) == expected
+def test_an_unknown_provider_or_tool_goes_to_the_plugin(daemon: Daemon, data: Any, expected: str) -> None:
+    """As upstream: the daemon does not judge the plugin's declarations; the plugin answers."""
+    events = parse_sse(post(daemon, json={"user_id": "u", "data": data}).content)
+    assert events[-1].envelope["error_type"] == "PluginInvokeError"
+    assert expected in events[-1].error["message"]
 
 
 @pytest.mark.parametrize("plugin_header", ["", "nope", "a/b/c", "a b/c"])
@@ -251,7 +258,6 @@ def test_json_content_type_with_parameters_or_capitals_is_accepted(daemon: Daemo
 @pytest.mark.parametrize(
     ("body", "status", "expected"),
     [
-        (b'{"user_id": "u", "data": {"provider": "nope"}}', 404, "has no tool provider 'nope'"),
         (b'{"user_id": "u"}', 422, "invalid request body: data: Field required"),
         (b'{"user_id": "u", "data": {"provider": "fastproto", "credentials": []}}', 422, "credentials"),
         (b"{", 400, "malformed JSON body"),
@@ -359,7 +365,7 @@ def assert_stream_or_json_4xx(r: httpx.Response) -> None:
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     body = r.json()
     assert body["code"] == -r.status_code and body["data"] is None
-    assert isinstance(body["message"], str) and body["message"]
+    assert json.loads(body["message"])["message"]
 
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

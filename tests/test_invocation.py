@@ -104,8 +104,8 @@ def test_timeout_ends_the_session_with_a_final_error(
     events = daemon.invoke(FP, "emit", {"count": 2, "hang": True})
     assert [e.ok for e in events[:-1]] == [True] * 3
     error = last_error(events)
-    assert error["error_type"] == "PluginExecutionTimeoutError"
-    assert error["message"] == "the plugin did not finish within 1 s"
+    assert error["error_type"] == "PluginDaemonInternalServerError"
+    assert error["message"] == "killed by timeout: the plugin did not finish within 1 s"
     wait_for(lambda: daemon.plugins()[FP]["instances"][0]["sessions"] == 0)
     assert daemon.invoke(FP, "emit", {"count": 1})[-1].ok
 

@@ -21,7 +21,14 @@ def test_the_bundled_plugins_load_with_their_output_schemas() -> None:
     specs, errors = discover(PLUGINS)
     assert errors == {}
     by_id = {spec.id: spec for spec in specs}
-    assert set(by_id) == {"demo/fastproto", "demo/text_toolkit", "demo/notes"}
+    assert set(by_id) == {
+        "demo/fastproto",
+        "demo/text_toolkit",
+        "demo/notes",
+        "demo/echo_models",
+        "demo/echo_agent",
+    }
+    assert by_id["demo/echo_models"].providers == {}  # models and strategies are served, not parsed
     fast = by_id["demo/fastproto"].providers["fastproto"]
     assert fast.tools["emit"].output_schema is not None
     assert fast.tools["plain"].output_schema is None

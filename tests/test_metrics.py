@@ -66,7 +66,9 @@ def test_terminations_by_timeout_and_slow_client_are_counted(
 ) -> None:
     daemon = start(fastproto(), plugin_max_execution_timeout=1)
     daemon.wait_ready(FP)
-    assert daemon.invoke(FP, "emit", {"hang": True})[-1].error["error_type"] == "PluginExecutionTimeoutError"
+    assert (
+        daemon.invoke(FP, "emit", {"hang": True})[-1].error["error_type"] == "PluginDaemonInternalServerError"
+    )
     m = scrape(daemon)
     assert m[f'plugin_session_terminations_total{{plugin_id="{FP}",reason="timeout"}}'] == 1
     assert m[f'plugin_session_terminations_total{{plugin_id="{FP}",reason="slow_client"}}'] == 0

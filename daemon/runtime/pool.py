@@ -23,7 +23,7 @@ from typing import Any
 
 from daemon import isolation, metrics
 from daemon.config import Settings
-from daemon.install import InstallError, ensure_venv
+from daemon.install import InstallError, InstallProgress, ensure_venv
 from daemon.manifest import PluginSpec
 from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.connection import Connection, InstanceStartError, PluginUnavailable
@@ -79,6 +79,7 @@ class PluginPool:
         self.error: str | None = None
         self.stderr: list[str] = []  # the last stderr lines of the last failed start
         self.restarts = 0
+        self.install = InstallProgress()
         self.start_failures = 0  # in a row, over every slot
         self.instances: list[Connection | None] = [None] * settings.plugin_instances
         self._changed = asyncio.Condition()
@@ -93,7 +94,7 @@ class PluginPool:
         failures = 0
         while True:
             try:
-                python = await ensure_venv(self.spec, self._settings.python_interpreter_path)
+                python = await ensure_venv(self.spec, self._settings.python_interpreter_path, self.install)
                 break
             except Exception as exc:
                 failures += 1
@@ -227,6 +228,7 @@ class PluginPool:
             "error": self.error,
             "stderr": self.stderr if self.status == "failed" else [],
             "restarts": self.restarts,
+            "install": self.install.describe(),
             "instances": [
                 {"index": i.index, "pid": i.pid, "state": i.state.value, "sessions": len(i.sessions)}
                 for i in self.instances

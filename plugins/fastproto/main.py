@@ -98,6 +98,8 @@ def run_tool(session: Session, data: dict[str, Any]) -> None:
     """Dispatch like the SDK router: unknown actions answer with a bare end."""
     out, sid = session.out, session.session_id
     if data.get("type") != "tool":
+        if FAULTS.get("echo_other_kinds"):  # a test hook: show the daemon's envelope for every kind
+            out.session(sid, "stream", {"echo": data})
         return
     action = data.get("action")
     if action == "validate_tool_credentials":
@@ -184,8 +186,12 @@ class Workers:
                 self._idle += 1
 
 
+FAULTS: dict[str, Any] = {}
+
+
 def main() -> None:
     faults = load_faults()
+    FAULTS.update(faults)
     if faults.get("start_delay_s"):
         time.sleep(float(faults["start_delay_s"]))
 

@@ -1,0 +1,241 @@
+"""Parsing and checking what Dify's API server sends to the dispatch endpoints.
+
+Every way a request can be wrong maps to one :class:`BadRequest` with a status and a
+message that says what was wrong; nothing malformed reaches the runtime. :func:`prepare`
+makes every check of every dispatch kind, in one place and one order.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from starlette.requests import ClientDisconnect, Request
+
+from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, NOT_FOUND, PLUGIN_NOT_FOUND, UNAUTHORIZED, envelope
+
+if TYPE_CHECKING:
+    from daemon.dispatch.kinds import Kind
+    from daemon.manifest import ToolSpec
+    from daemon.runtime import PluginPool
+    from daemon.runtime.tcp import RemotePlugin
+
+TENANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PLUGIN_ID = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)/([A-Za-z0-9_][A-Za-z0-9_.-]*)(:[^@]+)?(@\S+)?$")
+
+
+class BadRequest(Exception):
+    """A request the daemon refuses before it reaches a plugin: an HTTP status and upstream's
+    error type (``PluginDaemonBadRequestError`` unless said otherwise), in upstream's body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        errors: list[dict[str, Any]] | None = None,
+        *,
+        error_type: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+        self.error_type = error_type or _DEFAULT_TYPES.get(status, BAD_REQUEST)
+
+    def body(self) -> dict[str, Any]:
+        # Dify reads an error's type only when code is -500: a server-side refusal says -500
+        # whatever its HTTP status (503 tells a proxy the plugin may come back).
+        code = -500 if self.status >= 500 else -self.status
+        return envelope(code, self.error_type, self.message, {"errors": self.errors} if self.errors else None)
+
+
+_DEFAULT_TYPES = {401: UNAUTHORIZED, 404: NOT_FOUND, 500: INTERNAL_ERROR, 503: INTERNAL_ERROR}
+
+
+def _none_is(default: Any) -> BeforeValidator:
+    """Go decodes a JSON ``null`` as the field's zero value; so do we."""
+    return BeforeValidator(lambda value: default() if value is None else value)
+
+
+NullableDict = Annotated[dict[str, Any], _none_is(dict)]
+NullableStr = Annotated[str, _none_is(str)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class DispatchData(BaseModel):
+    """A request's ``data``: the fields the daemon checks, and every other field passed on to
+    the plugin as sent (the SDK's request models read what they need)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+Name = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class ToolInvokeData(DispatchData):
+    provider: Name
+    tool: Name
+    tool_parameters: NullableDict = Field(default_factory=dict)
+    credentials: NullableDict = Field(default_factory=dict)
+    credential_type: Annotated[str, _none_is(lambda: "api-key")] = "api-key"
+
+
+class CredentialsData(DispatchData):
+    provider: Name
+    credentials: NullableDict = Field(default_factory=dict)
+
+
+class _Dispatch(_Strict):
+    user_id: NullableStr = Field(default="", max_length=256)
+    conversation_id: str | None = None
+    message_id: str | None = None
+    app_id: str | None = None
+    endpoint_id: str | None = None
+    context: NullableDict = Field(default_factory=dict)
+
+
+class InvokeToolRequest(_Dispatch):
+    data: ToolInvokeData
+
+
+class ValidateCredentialsRequest(_Dispatch):
+    data: CredentialsData
+
+
+def data_model(
+    name: str,
+    names: tuple[str, ...] = ("provider",),
+    present: tuple[str, ...] = (),
+    model_type: str | None = None,
+    nullable: tuple[str, ...] = (),
+) -> type[DispatchData]:
+    """A ``data`` model requiring what upstream's request type requires (``validate:"required"``
+    in ``pkg/entities/requests``): non-empty strings ``names``, fields ``present``, and
+    ``model_type`` equal to the kind's (any when ``"*"``); ``nullable`` fields are sent as
+    null when absent, as Go sends them."""
+    fields: dict[str, Any] = {field: (Name, ...) for field in names}
+    fields.update({field: (Any, ...) for field in present})
+    # Go sends every field of its request type, null when absent; the SDK needs some present.
+    fields.update({field: (Any, None) for field in nullable})
+    fields["credentials"] = (NullableDict, Field(default_factory=dict))
+    if model_type == "*":
+        fields["model_type"] = (Name, ...)
+    elif model_type is not None:
+        fields["model_type"] = (Literal[model_type], ...)  # type: ignore[valid-type]
+    return create_model(name, __base__=DispatchData, **fields)
+
+
+def request_model(data: type[DispatchData]) -> type[_Dispatch]:
+    if data is ToolInvokeData:
+        return InvokeToolRequest
+    if data is CredentialsData:
+        return ValidateCredentialsRequest
+    return create_model(f"{data.__name__}Request", __base__=_Dispatch, data=(data, ...))
+
+
+def check_key(request: Request, server_key: str) -> None:
+    given = request.headers.get("x-api-key")
+    if given is None:
+        raise BadRequest(401, "missing X-Api-Key header")
+    if not hmac.compare_digest(given.encode(), server_key.encode()):
+        raise BadRequest(401, "invalid X-Api-Key")
+
+
+def tenant_id(request: Request) -> str:
+    tenant = request.path_params["tenant_id"]
+    if not TENANT_ID.match(tenant):
+        raise BadRequest(400, "tenant_id must be 1 to 64 characters of letters, digits, '-' or '_'")
+    return tenant
+
+
+def plugin_id(request: Request) -> str:
+    """``author/name`` from ``X-Plugin-ID`` (upstream may append ``:version@checksum``)."""
+    header = request.headers.get("x-plugin-id")
+    if not header:
+        raise BadRequest(400, "missing X-Plugin-ID header")
+    match = PLUGIN_ID.match(header.strip())
+    if not match:
+        raise BadRequest(400, f"X-Plugin-ID {header!r} is not of the form author/name")
+    return f"{match.group(1)}/{match.group(2)}"
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise BadRequest(415, "Content-Type must be application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"request body larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"request body larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest(400, "the client disconnected before sending the whole body") from None
+    raw = b"".join(chunks)
+    if not raw:
+        raise BadRequest(400, "empty request body; expected a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"malformed JSON body: {exc}") from None
+
+
+def parse(model: type[_Dispatch], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{e['field']}: {e['problem']}" for e in errors[:5])
+        raise BadRequest(422, f"invalid request body: {summary}", errors) from None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request that passed every check: who asks, which plugin, what to send it."""
+
+    tenant: str
+    pool: PluginPool | RemotePlugin
+    parsed: Any
+    tool: ToolSpec | None
+
+
+async def prepare(
+    request: Request,
+    kind: Kind,
+    *,
+    server_key: str,
+    find_pool: Callable[[str, str], PluginPool | RemotePlugin | None],
+    limit: int,
+) -> Prepared:
+    """Every check of a dispatch request, in upstream's order: key, tenant, plugin, body.
+
+    ``find_pool(plugin_id, tenant_id)`` is what serves the plugin to the tenant (a remote-debug
+    connection of that tenant first)."""
+    check_key(request, server_key)
+    tenant = tenant_id(request)
+    plugin = plugin_id(request)
+    pool = find_pool(plugin, tenant)
+    if pool is None:
+        raise BadRequest(404, f"plugin {plugin!r} is not installed", error_type=PLUGIN_NOT_FOUND)
+    body = await read_json(request, limit)
+    parsed = parse(request_model(kind.data), body)
+    tool = kind.lookup(pool.spec, parsed.data) if kind.lookup is not None else None
+    return Prepared(tenant, pool, parsed, tool)
