@@ -250,7 +250,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings, server_key: str, tracing: Tracing | None = None) -> Starlette:
-    tracing = tracing or setup_tracing(settings.trace_ring_spans)
+    tracing = tracing or setup_tracing(settings.trace_ring_spans, ring_bytes=settings.trace_ring_bytes)
     daemon = Daemon(settings, server_key, tracing)
 
     @contextlib.asynccontextmanager

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     metrics_access: Access = Access.LOOPBACK
     debug_access: Access = Access.LOOPBACK
     trace_ring_spans: int = Field(20000, ge=0)
+    trace_ring_bytes: int = Field(64 * 1024 * 1024, ge=64 * 1024)
 
     session_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_request_body_bytes: int = Field(1024 * 1024, ge=1024)
