@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from daemon import __version__, access, dispatch, metrics, tracepage
+from daemon import __version__, access, dispatch, metrics, profiling, tracepage
 from daemon.codec import get_codec, tool_request
 from daemon.config import Access, Settings
 from daemon.dispatch import BadRequest
@@ -44,6 +44,7 @@ class Daemon:
         self.storage: Storage | None = None
         self.runtime: Runtime | None = None
         self._collector: RuntimeCollector | None = None
+        self.profiler = profiling.Profiler()
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -191,13 +192,19 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(encoder(metrics.REGISTRY), media_type=content_type)
 
 
-async def debug_traces(request: Request) -> Response:
-    daemon: Daemon = request.app.state.daemon
+def _debug_refusal(request: Request, daemon: Daemon, what: str) -> Response | None:
+    """The debug pages' access rule: a browser without the key is sent to the sign-in form."""
     refused = access.check(request, daemon.settings.debug_access, daemon.server_key)
     if refused == 401:
         return RedirectResponse(f"/debug/login?{urlencode({'next': str(request.url)})}", status_code=303)
+    return None if refused is None else _refusal(refused, what)
+
+
+async def debug_traces(request: Request) -> Response:
+    daemon: Daemon = request.app.state.daemon
+    refused = _debug_refusal(request, daemon, "/debug/traces")
     if refused is not None:
-        return _refusal(refused, "/debug/traces")
+        return refused
     ring = daemon.tracing.ring
     if ring is None:
         message = "tracing is disabled (OTEL_SDK_DISABLED=true or TRACE_RING_SPANS=0)"
@@ -211,6 +218,15 @@ async def debug_traces(request: Request) -> Response:
     else:
         page = tracepage.render_index(spans, daemon.settings.trace_ring_spans)
     return HTMLResponse(page)
+
+
+async def debug_profile(request: Request) -> Response:
+    """An on-CPU flame graph of the daemon, recorded on demand (daemon/profiling.py)."""
+    daemon: Daemon = request.app.state.daemon
+    refused = _debug_refusal(request, daemon, "/debug/profile")
+    if refused is not None:
+        return refused
+    return await profiling.respond(request, daemon.profiler)
 
 
 LOGIN_FORM = """<!doctype html><html><head><meta charset='utf-8'><title>Sign in</title></head>
@@ -275,6 +291,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/debug/traces", debug_traces, methods=["GET"]),
+        Route("/debug/profile", debug_profile, methods=["GET"]),
         Route("/debug/login", debug_login, methods=["GET", "POST"]),
     ]
     middleware = []

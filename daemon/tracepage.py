@@ -76,6 +76,12 @@ def _span_rows(spans: Iterable[KeptSpan]) -> str:
     return f"<table>{header}{''.join(rows)}</table>" if rows else "<p class='sub'>none</p>"
 
 
+PROFILE_LINK = (
+    "On-CPU flame graph of the daemon: <a href='/debug/profile?seconds=10'>record 10 s</a>"
+    " (<a href='/debug/profile?seconds=10&amp;format=speedscope'>speedscope JSON</a>)"
+)
+
+
 def render_index(spans: Sequence[KeptSpan], capacity: int) -> str:
     by_name: dict[str, list[KeptSpan]] = defaultdict(list)
     for span in spans:
@@ -113,6 +119,7 @@ def render_index(spans: Sequence[KeptSpan], capacity: int) -> str:
     body = (
         "<h1>Traces</h1>"
         f"<p class='sub'>{len(spans)} most recent spans kept in memory (ring of {capacity}).</p>"
+        f"<p class='sub'>{PROFILE_LINK}</p>"
         f"{table}<h2>Recent traces</h2>{_span_rows(recent)}"
     )
     return _page("Traces", body)
