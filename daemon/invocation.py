@@ -19,7 +19,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from daemon import codec as wire
-from daemon import metrics
+from daemon import metrics, spans
 from daemon.codec import Codec
 from daemon.config import Settings
 from daemon.errors import CLIENT_GONE, SLOW_CLIENT, TIMEOUT, SessionError
@@ -30,7 +30,7 @@ from daemon.sse import EventStreamResponse, SendBody
 from daemon.validation import new_variables
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
+_tracer = spans.Tracer(__name__)
 _ENCODE_SECONDS = metrics.serialization_seconds.labels("encode")
 
 FINAL_EVENT_GRACE = 5.0
@@ -74,7 +74,8 @@ class Invocation:
         if not self.traced:
             await self._relay_and_record(send_body, series, INVALID_SPAN)
             return
-        with _tracer.start_as_current_span("plugin.session", attributes=self._span_attributes()) as span:
+        session_span = _tracer.start_span("plugin.session", attributes=self._span_attributes())
+        with spans.activated(session_span) as span:
             self.session.attach_trace(trace.set_span_in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
             propagate.inject(self.request["context"])
