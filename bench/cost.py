@@ -50,6 +50,11 @@ def variant_set(name: str, revision: str | None) -> list[Variant]:
             daemon_variant("daemon owner traced", tracing=True),
         ],
         "tracing": [daemon_variant("tracing off"), daemon_variant("tracing on", tracing=True)],
+        "tracing-aa": [
+            daemon_variant("tracing off"),
+            daemon_variant("tracing off (A/A)"),
+            daemon_variant("tracing on", tracing=True),
+        ],
     }[name]
     if revision:
         variants += [
@@ -189,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--set", choices=["relay", "tracing"], default="relay")
+    parser.add_argument("--set", choices=["relay", "tracing", "tracing-aa"], default="relay")
     parser.add_argument("--revision", help="also run the daemon at this git commit (tracing off and on)")
     parser.add_argument("--baseline", help="the variant ratios are taken to (default: the first)")
     parser.add_argument("--events", type=int, nargs="*", default=[1, 21, 200])

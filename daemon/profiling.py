@@ -44,7 +44,8 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-RATE = 100  # samples per second
+RATE = 100  # samples per second of the process's CPU; ``hz`` sets it per request
+MIN_RATE, MAX_RATE = 10, 1000
 MAX_SECONDS = 60.0
 DEFAULT_SECONDS = 10.0
 Stack = tuple[tuple[str, str, int], ...]  # (function, file, first line), outermost first
@@ -304,11 +305,18 @@ async def respond(request: Request, profiler: Profiler) -> Response:
         return _error(400, f"seconds must be a number of seconds up to {MAX_SECONDS:g}")
     if not 0 < seconds <= MAX_SECONDS:
         return _error(400, f"seconds must be more than 0 and at most {MAX_SECONDS:g}")
+    try:
+        rate = int(params.get("hz", RATE))
+    except ValueError:
+        rate = 0
+    if not MIN_RATE <= rate <= MAX_RATE:
+        message = f"hz must be a whole number from {MIN_RATE} to {MAX_RATE} (samples per CPU second)"
+        return _error(400, message)
     fmt = params.get("format", "svg")
     if fmt not in ("svg", "speedscope"):
         return _error(400, "format must be svg or speedscope")
     try:
-        profile = await profiler.run(seconds)
+        profile = await profiler.run(seconds, rate)
     except ProfileBusy:
         return _error(409, "a profile is already being recorded; try again when it ends")
     if fmt == "speedscope":

@@ -84,6 +84,7 @@ def test_one_profile_at_a_time_and_bounded_durations(
         ({"seconds": "0"}, "more than 0"),
         ({"seconds": "ten"}, "must be a number"),
         ({"seconds": "1", "format": "pprof"}, "svg or speedscope"),
+        ({"seconds": "1", "hz": "5000"}, "hz must be a whole number from 10 to 1000"),
     ):
         bad = httpx.get(url, params=params, timeout=30)
         assert bad.status_code == 400 and expected in bad.json()["message"], params
