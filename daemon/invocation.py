@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 import anyio
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from daemon import codec as wire
@@ -78,7 +78,7 @@ class Invocation:
         with spans.activated(session_span) as span:
             self.session.attach_trace(trace.set_span_in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
-            propagate.inject(self.request["context"])
+            spans.inject(self.request["context"], span)
             await self._relay_and_record(send_body, series, span)
 
     def _span_attributes(self) -> dict[str, Any]:

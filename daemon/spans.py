@@ -24,6 +24,7 @@ attributes are kept: a plugin's 1 MB error text is not kept per span.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -32,8 +33,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as context_api
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -284,6 +285,27 @@ class _Current:
             span.end()
 
 
+def _default_propagators() -> bool:
+    """Whether ``OTEL_PROPAGATORS`` names the API's default: W3C trace context and baggage."""
+    names = os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(" ", "").lower()
+    return names in ("tracecontext,baggage", "baggage,tracecontext", "tracecontext")
+
+
+def inject(carrier: dict[str, str], span: trace.Span) -> None:
+    """Write ``span``'s trace context into ``carrier``, as ``propagate.inject`` does.
+
+    With the default propagators and no baggage in the current context, the
+    ``traceparent`` (and ``tracestate``) header is written directly: the generic pass
+    through both propagators measured ~3x the cost of starting and ending a span.
+    """
+    if type(span) is not LeanSpan or not span._tracer.provider.default_propagators or baggage.get_all():
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return
+    carrier["traceparent"] = f"00-{span.trace_id:032x}-{span.span_id:016x}-01"
+    if span.trace_state:
+        carrier["tracestate"] = span.trace_state.to_header()
+
+
 def activated(span: trace.Span) -> _Current:
     """Make ``span`` current for a ``with`` block and end it after; what ``use_span`` does,
     without the generator-based context manager the API wraps it in."""
@@ -406,6 +428,7 @@ class LeanTracerProvider(trace.TracerProvider):
         self.resource = resource
         self.sampler = sampler
         self.limits = Limits()
+        self.default_propagators = _default_propagators()
         self.processors = list(processors)
         self._keep = keep
         self._tracers: dict[str, LeanTracer] = {}

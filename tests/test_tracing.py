@@ -184,11 +184,15 @@ def test_spans_reach_a_grpc_collector_when_the_protocol_says_grpc(
             otel_bsp_schedule_delay=50,
         )
         daemon.wait_ready(FP)
-        assert daemon.invoke(FP, "emit")[-1].ok
+        events = daemon.invoke(FP, "emit", {"echo_context": True})
+        assert events[-1].ok
         wait_for(lambda: receiver.named("plugin.session"))
         (session,) = receiver.named("plugin.session")
         (http,) = receiver.named(INVOKE_ROUTE)
         assert session["parent"] == http["span_id"]
+        # No caller trace: the plugin gets the session span as parent of a new, sampled trace.
+        sent = events[0].message["message"]["json_object"]
+        assert sent == {"traceparent": f"00-{session['trace_id']}-{session['span_id']}-01"}
         daemon.stop()
     finally:
         server.stop(grace=None)
