@@ -64,42 +64,6 @@ def variant_set(name: str, revision: str | None) -> list[Variant]:
     return variants
 
 
-def run(
-    variants: list[Variant],
-    events: list[int],
-    *,
-    repeats: int,
-    duration: float,
-    warmup: float,
-    concurrency: int,
-) -> list[dict[str, Any]]:
-    trials: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-cost-") as tmp:
-        servers = [Server(v, Path(tmp) / str(i)) for i, v in enumerate(variants)]
-        try:
-            for server in servers:
-                server.start()
-            for n in events:
-                load = workload(n, concurrency)
-                for repeat in range(repeats):
-                    for server in servers:
-                        result = trial(server, load, duration, warmup)
-                        per = result["cpu_s"] / max(result["invocations"], 1) * 1e6
-                        row = {"session_events": n, "variant": server.variant.name, "repeat": repeat}
-                        row |= {"cpu_us_per_invocation": per, **result}
-                        trials.append(row)
-                        print(
-                            f"  {n:>4} events {server.variant.name:<26} r{repeat} "
-                            f"{per:8.1f} µs/inv  {result['invocations_per_s']:7.0f} inv/s  "
-                            f"{result['outcomes']}",
-                            flush=True,
-                        )
-        finally:
-            for server in servers:
-                server.stop()
-    return trials
-
-
 async def _together(
     servers: list[Server], load: Workload, duration: float, rate: float
 ) -> list[dict[str, Any]]:
@@ -128,17 +92,19 @@ async def _together(
     return out
 
 
-def run_together(
+def run(
     variants: list[Variant],
     events: list[int],
     *,
     repeats: int,
     duration: float,
-    rate: float,
+    warmup: float,
     concurrency: int,
+    rate: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Ablation mode: all variants at once at ``rate`` invocations/s each, so drift hits them alike
-    and each relays the same load (CPU per invocation depends on how busy a server is)."""
+    """Closed-loop trials, one variant after another (A B C A B C ...); with ``rate``, all
+    variants at once at that many invocations/s each, so drift hits them alike and each relays
+    the same load (a server's CPU per invocation depends on how busy it is)."""
     import uvloop
 
     trials: list[dict[str, Any]] = []
@@ -149,9 +115,13 @@ def run_together(
                 server.start()
             for n in events:
                 load = workload(n, concurrency)
-                uvloop.run(_together(servers, load, 0.5, rate))  # warm-up
+                if rate:
+                    uvloop.run(_together(servers, load, warmup, rate))
                 for repeat in range(repeats):
-                    results = uvloop.run(_together(servers, load, duration, rate))
+                    if rate:
+                        results = uvloop.run(_together(servers, load, duration, rate))
+                    else:
+                        results = [trial(server, load, duration, warmup) for server in servers]
                     for server, result in zip(servers, results, strict=True):
                         per = result["cpu_s"] / max(result["invocations"], 1) * 1e6
                         row = {"session_events": n, "variant": server.variant.name, "repeat": repeat}
@@ -209,24 +179,15 @@ def main() -> None:
     args = parser.parse_args()
     prepare_environment()
     variants = variant_set(args.set, args.revision)
-    if args.rate:
-        trials = run_together(
-            variants,
-            args.events,
-            repeats=args.repeats,
-            duration=args.duration,
-            rate=args.rate,
-            concurrency=args.concurrency,
-        )
-    else:
-        trials = run(
-            variants,
-            args.events,
-            repeats=args.repeats,
-            duration=args.duration,
-            warmup=args.warmup,
-            concurrency=args.concurrency,
-        )
+    trials = run(
+        variants,
+        args.events,
+        repeats=args.repeats,
+        duration=args.duration,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        rate=args.rate,
+    )
     if args.json:
         args.json.write_text(json.dumps(trials, indent=1))
     print(table(trials, args.baseline or variants[0].name))
