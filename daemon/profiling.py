@@ -99,6 +99,10 @@ def _stack(frame: Any) -> Stack:
     return tuple(frames)
 
 
+def _discard(signum: int, frame: Any) -> None:
+    """SIGPROF after a profile: nothing to do."""
+
+
 class _Sampler:
     """Samples on ``SIGPROF``, which the kernel sends per ``1/rate`` s of the process's CPU.
 
@@ -141,8 +145,9 @@ class _Sampler:
 
     def stop(self) -> None:
         signal.setitimer(signal.ITIMER_PROF, 0)
-        # A signal still in flight must not meet SIGPROF's default action, which ends the process.
-        keep = self.previous if self.previous not in (None, signal.SIG_DFL) else signal.SIG_IGN
+        # A signal still in flight must not meet SIGPROF's default action, which ends the process;
+        # a handler that does nothing (not SIG_IGN, which plugins started later would inherit).
+        keep = self.previous if callable(self.previous) else _discard
         signal.signal(signal.SIGPROF, keep)
         self.profile.process_cpu = _process_cpu() - self.started_cpu
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -149,3 +151,24 @@ def test_the_flame_graph_opens_in_chromium_from_the_trace_page(
         shot.unlink(missing_ok=True)
         chromium(tmp_path, f"--screenshot={shot}", url)
     assert shot.stat().st_size > 10_000  # a drawn flame graph, not an empty canvas
+
+
+def _ignored_signals(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("SigIgn:")).split()[1], 16)
+
+
+def test_after_a_profile_sigprof_is_harmless_and_plugins_start_with_default_signals(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    assert httpx.get(f"{daemon.url}/debug/profile", params={"seconds": 0.3}, timeout=30).status_code == 200
+    os.kill(daemon.proc.pid, signal.SIGPROF)  # a late timer signal: the default action would end it
+    assert daemon.invoke(FP, "emit")[-1].ok
+
+    old = daemon.instance_pids(FP)[0]
+    os.kill(old, signal.SIGKILL)  # the daemon starts a new plugin process after the profile
+    new = wait_for(lambda: [p for p in daemon.instance_pids(FP) if p != old])[0]
+    assert not _ignored_signals(new) & (1 << (signal.SIGPROF - 1))  # not inherited as ignored
+    assert daemon.invoke(FP, "emit")[-1].ok
