@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -143,17 +144,28 @@ def request_bytes(host: str, port: int, path: str, headers: dict[str, str], body
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
 
 
-async def run_load(host: str, port: int, request: bytes, *, concurrency: int, duration: float) -> LoadResult:
-    """Drive ``concurrency`` connections for ``duration`` seconds (plus the tail in flight)."""
+async def run_load(
+    host: str, port: int, request: bytes, *, concurrency: int, duration: float, rate: float | None = None
+) -> LoadResult:
+    """Drive ``concurrency`` connections for ``duration`` seconds (plus the tail in flight).
+
+    With ``rate``, at most that many requests a second in all: each connection sends
+    its next request at its next slot (``concurrency / rate`` apart), not at once.
+    """
     loop = asyncio.get_running_loop()
     result = LoadResult()
     deadline = time.perf_counter() + duration
+    interval = concurrency / rate if rate else 0.0
 
     async def worker() -> None:
         _, client = await loop.create_connection(_Client, host, port)
         assert client.transport is not None
         try:
+            slot = time.perf_counter() + interval * random.random()
             while time.perf_counter() < deadline:
+                if interval:
+                    await asyncio.sleep(max(0.0, slot - time.perf_counter()))
+                    slot += interval
                 response = client.response = _Response()
                 sent_at = time.perf_counter()
                 client.transport.write(request)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from daemon import __version__, access, dispatch, management, metrics, tracepage
+from daemon import __version__, access, dispatch, management, metrics, profiling, tracepage
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
 from daemon.invocation import Invocation, new_session
@@ -49,6 +49,7 @@ class Daemon:
         self._collector: RuntimeCollector | None = None
         self.drain = Drain(settings.server_shutdown_drain_timeout)
         self.buffers = Budget(settings.session_buffer_total_bytes)
+        self.profiler = profiling.Profiler()
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -195,19 +196,34 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(encoder(metrics.REGISTRY), media_type=content_type)
 
 
-async def debug_traces(request: Request) -> Response:
-    daemon: Daemon = request.app.state.daemon
+def _debug_refusal(request: Request, daemon: Daemon, what: str) -> Response | None:
+    """The debug pages' access rule: a browser without the key is sent to the sign-in form."""
     refused = access.check(request, daemon.settings.debug_access, daemon.server_key)
     if refused == 401:
         return RedirectResponse(f"/debug/login?{urlencode({'next': str(request.url)})}", status_code=303)
+    return None if refused is None else _refusal(refused, what)
+
+
+async def debug_traces(request: Request) -> Response:
+    daemon: Daemon = request.app.state.daemon
+    refused = _debug_refusal(request, daemon, "/debug/traces")
     if refused is not None:
-        return _refusal(refused, "/debug/traces")
+        return refused
     ring = daemon.tracing.ring
     if ring is None:
         message = "tracing is disabled (OTEL_SDK_DISABLED=true or TRACE_RING_SPANS=0)"
         return JSONResponse({"code": -404, "message": message, "data": None}, status_code=404)
     spans = ring.snapshot()
     return HTMLResponse(tracepage.render(spans, request.query_params, daemon.settings.trace_ring_spans))
+
+
+async def debug_profile(request: Request) -> Response:
+    """An on-CPU flame graph of the daemon, recorded on demand (daemon/profiling.py)."""
+    daemon: Daemon = request.app.state.daemon
+    refused = _debug_refusal(request, daemon, "/debug/profile")
+    if refused is not None:
+        return refused
+    return await profiling.respond(request, daemon.profiler)
 
 
 LOGIN_FORM = """<!doctype html><html><head><meta charset='utf-8'><title>Sign in</title></head>
@@ -245,7 +261,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings, server_key: str, tracing: Tracing | None = None) -> Starlette:
-    tracing = tracing or setup_tracing(settings.trace_ring_spans)
+    tracing = tracing or setup_tracing(settings.trace_ring_spans, ring_bytes=settings.trace_ring_bytes)
     daemon = Daemon(settings, server_key, tracing)
 
     @contextlib.asynccontextmanager
@@ -268,6 +284,7 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/debug/traces", debug_traces, methods=["GET"]),
+        Route("/debug/profile", debug_profile, methods=["GET"]),
         Route("/debug/login", debug_login, methods=["GET", "POST"]),
     ]
     middleware = [Middleware(BodyLimit, limit=settings.max_request_body_bytes)]

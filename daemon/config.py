@@ -108,6 +108,9 @@ class Settings(BaseSettings):
         "/plugins,/health/check,/metrics",
         description="comma-separated paths never traced (polling would crowd out the traces that matter)",
     )
+    trace_ring_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024, description="estimated bytes the /debug/traces ring may hold"
+    )
 
     session_buffer_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="per-session buffer between a plugin and a slow caller"

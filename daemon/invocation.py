@@ -15,10 +15,10 @@ import uuid
 from typing import Any
 
 import anyio
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
-from daemon import metrics, wire
+from daemon import metrics, spans, wire
 from daemon.config import Settings
 from daemon.errors import CLIENT_GONE, SLOW_CLIENT, TIMEOUT, SessionError
 from daemon.limits import Budget
@@ -30,7 +30,7 @@ from daemon.validation import new_variables
 from daemon.wire import Codec
 
 log = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
+_tracer = spans.Tracer(__name__)
 _ENCODE_SECONDS = metrics.serialization_seconds.labels("encode")
 
 FINAL_EVENT_GRACE = 5.0
@@ -84,10 +84,11 @@ class Invocation:
         if not self.traced:
             await self._relay_and_record(send_body, series, INVALID_SPAN)
             return
-        with _tracer.start_as_current_span("plugin.session", attributes=self._span_attributes()) as span:
+        session_span = _tracer.start_span("plugin.session", attributes=self._span_attributes())
+        with spans.activated(session_span) as span:
             self.session.attach_trace(trace.set_span_in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
-            propagate.inject(self.request["context"])
+            spans.inject(self.request["context"], span)
             await self._relay_and_record(send_body, series, span)
 
     def _span_attributes(self) -> dict[str, Any]:

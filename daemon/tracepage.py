@@ -246,6 +246,12 @@ def _trace_rows(spans: Iterable[KeptSpan], summaries: Mapping[str, TraceSummary]
     return f"<table>{header}{''.join(rows)}</table>" if rows else "<p class='sub'>none</p>"
 
 
+PROFILE_LINK = (
+    "On-CPU flame graph of the daemon: <a href='/debug/profile?seconds=10'>record 10 s</a>"
+    " (<a href='/debug/profile?seconds=10&amp;format=speedscope'>speedscope JSON</a>)"
+)
+
+
 def _name_table(spans: Sequence[KeptSpan], filters: Filters) -> str:
     by_name: dict[str, list[KeptSpan]] = defaultdict(list)
     for span in spans:
@@ -312,6 +318,7 @@ def render_index(spans: Sequence[KeptSpan], query: Mapping[str, str], capacity: 
         f"{_heading(filters, 'Traces')}"
         f"<p class='sub'>{len(spans)} most recent spans kept in memory (ring of {capacity}); polling routes"
         " are not traced unless TRACE_UNTRACED_PATHS says otherwise.</p>"
+        f"<p class='sub'>{PROFILE_LINK}</p>"
         f"{_filter_form(spans, summaries, filters)}{_name_table(chosen, filters)}"
         f"<h2>Recent errors</h2>{_trace_rows(errors, summaries)}"
         f"<h2>Recent traces</h2>{_trace_rows(recent, summaries)}"

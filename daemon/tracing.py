@@ -30,7 +30,12 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemon.errors import unwrap
+from daemon.spans import ConvertingExporter, LeanTracerProvider
+
 log = logging.getLogger(__name__)
+
+DEFAULT_RING_BYTES = 64 * 1024 * 1024
 
 
 class KeptSpan(NamedTuple):
@@ -70,24 +75,51 @@ def _plain(span: ReadableSpan) -> tuple[Any, ...]:
     )
 
 
+def _size(fields: tuple[Any, ...]) -> int:
+    """Roughly the bytes a kept span holds: its strings, plus a fixed cost per field and attribute."""
+    size = 400 + len(fields[0]) + len(fields[8])
+    for key, value in fields[9]:
+        size += 120 + len(key)
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, tuple):
+            size += sum(len(v) + 56 if isinstance(v, str) else 32 for v in value)
+    return size
+
+
 class SpanRing(SpanProcessor):
-    """The most recent ended spans, bounded; read by the trace page.
+    """The most recent ended spans, bounded in count and in bytes; read by the trace page.
 
     Spans are kept as bare tuples of strings and numbers, which the cyclic garbage
     collector stops tracking. A ``ReadableSpan`` is eleven objects it must walk;
     twenty thousand of them alive made the daemon's full collections long: with
     tracing on, time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms, and
     CPU per event 1.54-1.57x of tracing off instead of 1.41-1.43x (bench/REPORT.md).
+    The byte bound (an estimate of the strings held) keeps a ring of spans with
+    long attribute values, each already truncated, from growing without limit.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self._spans: deque[tuple[Any, ...]] = deque(maxlen=capacity)
+    def __init__(self, capacity: int, max_bytes: int = DEFAULT_RING_BYTES) -> None:
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._spans: deque[tuple[Any, ...]] = deque()
+        self._sizes: deque[int] = deque()
         self._lock = threading.Lock()
 
-    def on_end(self, span: ReadableSpan) -> None:
-        kept = _plain(span)
+    def keep(self, fields: tuple[Any, ...]) -> None:
+        """Keep an ended span given as the fields of a :class:`KeptSpan`."""
+        size = _size(fields)
         with self._lock:
-            self._spans.append(kept)
+            self._spans.append(fields)
+            self._sizes.append(size)
+            self.bytes += size
+            while len(self._spans) > self.capacity or (self.bytes > self.max_bytes and len(self._spans) > 1):
+                self._spans.popleft()
+                self.bytes -= self._sizes.popleft()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.keep(_plain(span))
 
     def snapshot(self) -> list[KeptSpan]:
         with self._lock:
@@ -140,7 +172,7 @@ def exporters_from_env() -> list[SpanExporter]:
 class Tracing:
     """What the daemon installed: a provider (None when disabled) and the ring."""
 
-    def __init__(self, provider: TracerProvider | None, ring: SpanRing | None) -> None:
+    def __init__(self, provider: LeanTracerProvider | None, ring: SpanRing | None) -> None:
         self.provider = provider
         self.ring = ring
 
@@ -153,18 +185,23 @@ class Tracing:
             self.provider.shutdown()
 
 
-def setup_tracing(ring_capacity: int, exporters: Sequence[SpanExporter] | None = None) -> Tracing:
+def setup_tracing(
+    ring_capacity: int,
+    exporters: Sequence[SpanExporter] | None = None,
+    ring_bytes: int = DEFAULT_RING_BYTES,
+) -> Tracing:
     if tracing_disabled():
         log.info("tracing disabled (OTEL_SDK_DISABLED=true)")
         return Tracing(None, None)
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME") or "plugin-daemon"})
-    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
-    ring = SpanRing(ring_capacity) if ring_capacity > 0 else None
-    if ring is not None:
-        provider.add_span_processor(ring)
+    # The SDK's provider reads OTEL_TRACES_SAMPLER(_ARG); its sampler decides for ours.
+    sampler = TracerProvider(resource=resource, shutdown_on_exit=False).sampler
+    ring = SpanRing(ring_capacity, ring_bytes) if ring_capacity > 0 else None
+    processors = []
     for exporter in exporters_from_env() if exporters is None else exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        processors.append(BatchSpanProcessor(ConvertingExporter(exporter)))
         log.info("exporting spans with %s", type(exporter).__name__)
+    provider = LeanTracerProvider(resource, sampler, ring.keep if ring is not None else None, processors)
     trace.set_tracer_provider(provider)
     return Tracing(provider, ring)
 
@@ -172,14 +209,14 @@ def setup_tracing(ring_capacity: int, exporters: Sequence[SpanExporter] | None =
 # Readiness polls, scrapes and health checks: hundreds an hour, each would push an invocation off
 # the trace page. TRACE_UNTRACED_PATHS replaces this list; the debug pages are never traced.
 POLLING_PATHS = ("/plugins", "/health/check", "/metrics")
-# How every final error event of a stream starts (daemon.codec.sse_error): what the caller saw.
+# How every final error event of a stream starts (daemon.wire.sse_error): what the caller saw.
 _SSE_ERROR = b'data: {"code":-'
 
 
 def _stream_error(event: bytes) -> str:
     """``"<error_type>: <message>"`` of a final SSE error event."""
     try:
-        inner = json.loads(json.loads(event[len(b"data: ") :])["message"])
+        inner = unwrap(json.loads(event[len(b"data: ") :])["message"])  # the plugin's own error, if any
         return f"{inner['error_type']}: {inner['message']}"
     except (ValueError, KeyError, TypeError):
         return "the stream ended with an error event"
@@ -189,7 +226,8 @@ class TracingMiddleware:
     """A server span per HTTP request, named by route template, parented by ``traceparent``.
 
     The span stays open until the response is complete, so for an event stream it
-    covers the whole relay and the ``plugin.session`` span nests inside it.
+    covers the whole relay and the ``plugin.session`` span nests inside it. Only the
+    headers the configured propagators read are decoded, and only when present.
     """
 
     def __init__(
@@ -202,13 +240,20 @@ class TracingMiddleware:
         self.routes = routes
         self.untraced = frozenset(untraced)
         self.tracer = trace.get_tracer(__name__)
+        self.fields = {name.encode("latin-1") for name in propagate.get_global_textmap().fields}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in self.untraced or path.startswith("/debug/"):
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        carrier: dict[str, str] = {}
+        plugin_id = None
+        for key, value in scope["headers"]:
+            if key in self.fields:
+                carrier[key.decode("latin-1")] = value.decode("latin-1")
+            elif key == b"x-plugin-id":
+                plugin_id = value.decode("latin-1")
         method = scope["method"]
         status = 0
         failure: bytes | None = None
@@ -222,7 +267,9 @@ class TracingMiddleware:
             await send(message)
 
         with self.tracer.start_as_current_span(
-            f"{method} {scope['path']}", context=propagate.extract(headers), kind=SpanKind.SERVER
+            f"{method} {scope['path']}",
+            context=propagate.extract(carrier) if carrier else None,
+            kind=SpanKind.SERVER,
         ) as span:
             try:
                 await self.app(scope, receive, send_and_watch)
@@ -240,8 +287,8 @@ class TracingMiddleware:
                     tenant = (scope.get("path_params") or {}).get("tenant_id")
                     if tenant:
                         attributes["tenant.id"] = tenant
-                    if "x-plugin-id" in headers:
-                        attributes["plugin.id"] = headers["x-plugin-id"]
+                    if plugin_id is not None:
+                        attributes["plugin.id"] = plugin_id
                     span.set_attributes(attributes)
                     if failure is not None:  # a 200 whose stream ended in an error event
                         error = _stream_error(failure)

@@ -40,13 +40,12 @@ from typing import Any, ClassVar, Protocol
 import jsonschema
 from jsonschema.exceptions import best_match
 from jsonschema.validators import extend, validator_for
-from opentelemetry import trace
 from opentelemetry.context import Context
 
-from daemon import metrics
+from daemon import metrics, spans
 from daemon.config import ValidatorBackend, ValidatorDesign
 
-_tracer = trace.get_tracer(__name__)
+_tracer = spans.Tracer(__name__)  # not the API's proxy: see daemon/spans.py
 
 
 class SchemaDeclarationError(ValueError):

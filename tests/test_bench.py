@@ -111,3 +111,28 @@ def test_the_daemons_hot_lines_are_recognised_by_their_source(tmp_path: Path) ->
     assert profile.categorize(decode) == "JSON decode"
     assert profile.categorize(routing) == "other"
     assert profile.categorize({"name": "send", "file": str(source), "line": 2}) == "request handling"
+
+
+def test_cost_workloads_have_the_events_per_session_asked_for() -> None:
+    from bench.cost import workload
+
+    for events in (1, 2, 21, 200):
+        load = workload(events, 16)
+        assert load.events_per_invocation == events and load.count >= 0 and load.variables >= 0
+
+
+def test_cost_table_takes_ratios_within_each_repeat() -> None:
+    from bench.cost import table
+
+    trials = [
+        {"session_events": 1, "variant": v, "repeat": r}
+        | {"cpu_us_per_invocation": cpu, "invocations_per_s": ips}
+        for v, r, cpu, ips in (
+            ("base", 0, 100.0, 1000.0),
+            ("base", 1, 200.0, 500.0),  # a slow repeat: the other variant was slow too
+            ("other", 0, 150.0, 800.0),
+            ("other", 1, 300.0, 400.0),
+        )
+    ]
+    rows = table(trials, "base").splitlines()
+    assert rows[-1] == "| 1 | other | 225 | 1.500 [1.500-1.500] | 0.800 [0.800-0.800] |"

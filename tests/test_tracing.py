@@ -20,10 +20,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Status, StatusCode
 
+from daemon.spans import DEFAULT_VALUE_LENGTH, LeanTracerProvider
 from daemon.testing import Daemon
 from daemon.tracing import SpanRing
 from tests.test_runtime import FP, wait_for
@@ -79,6 +81,7 @@ class Receiver:
                             "parent": span.parent_span_id.hex(),
                             "attributes": {a.key: _value(a.value) for a in span.attributes},
                             "status": span.status.code,
+                            "status_message": span.status.message,
                             "resource": resource,
                         }
                     )
@@ -181,11 +184,15 @@ def test_spans_reach_a_grpc_collector_when_the_protocol_says_grpc(
             otel_bsp_schedule_delay=50,
         )
         daemon.wait_ready(FP)
-        assert daemon.invoke(FP, "emit")[-1].ok
+        events = daemon.invoke(FP, "emit", {"echo_context": True})
+        assert events[-1].ok
         wait_for(lambda: receiver.named("plugin.session"))
         (session,) = receiver.named("plugin.session")
         (http,) = receiver.named(INVOKE_ROUTE)
         assert session["parent"] == http["span_id"]
+        # No caller trace: the plugin gets the session span as parent of a new, sampled trace.
+        sent = events[0].message["message"]["json_object"]
+        assert sent == {"traceparent": f"00-{session['trace_id']}-{session['span_id']}-01"}
         daemon.stop()
     finally:
         server.stop(grace=None)
@@ -271,3 +278,45 @@ def test_the_ring_keeps_what_the_trace_page_shows_in_few_collected_objects() -> 
     per_span = (collected_objects() - empty) / 1000
     print(f"objects the collector walks per kept span: {per_span:.2f}")
     assert per_span <= 2  # ReadableSpan: 11 a span
+
+
+def test_a_plugin_error_type_of_a_megabyte_is_not_kept_per_span(
+    receiver: Receiver, start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = traced_daemon(start, fastproto(), receiver)
+    events = daemon.invoke(FP, "emit", {"count": 1, "error_at": 1, "error_type_size": 1_000_000})
+    assert len(events[-1].error["error_type"]) == 1_000_000  # the caller still gets the plugin's error
+    wait_for(lambda: receiver.named("plugin.session"))
+    (session,) = receiver.named("plugin.session")
+    assert session["status"] == 2  # STATUS_CODE_ERROR
+    assert 0 < len(session["status_message"]) <= DEFAULT_VALUE_LENGTH
+    assert all(len(str(v)) <= DEFAULT_VALUE_LENGTH for v in session["attributes"].values())
+
+    page = httpx.get(f"{daemon.url}/debug/traces?trace={session['trace_id']}", timeout=30)
+    assert page.status_code == 200 and "plugin.session" in page.text
+    assert len(page.text) < 200_000  # the page shows the truncated text, not a megabyte
+
+
+def test_the_ring_is_bounded_in_bytes_and_long_values_are_truncated() -> None:
+    """Spans with long attribute values: each value is cut to the limit, and the ring keeps
+    the newest spans that fit its byte budget, however many its span count allows."""
+    ring = SpanRing(10_000, max_bytes=1_000_000)
+    provider = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep)
+    tracer = provider.get_tracer("test")
+    for i in range(2000):
+        with tracer.start_as_current_span("big", attributes={"n": i, "text": "x" * 100_000}) as span:
+            span.set_status(Status(StatusCode.ERROR, "e" * 100_000))
+    kept = ring.snapshot()
+    assert 100 <= len(kept) < 2000  # bounded by bytes, not by the count of 10,000
+    assert ring.bytes <= 1_000_000
+    assert kept[-1].attributes == (("n", 1999), ("text", "x" * DEFAULT_VALUE_LENGTH))
+    assert kept[-1].status == "e" * DEFAULT_VALUE_LENGTH
+
+    # Spans the SDK made (no truncation by default) are bounded by the ring's budget too.
+    sdk_ring = SpanRing(10_000, max_bytes=1_000_000)
+    sdk = TracerProvider(sampler=ALWAYS_ON)
+    sdk.add_span_processor(sdk_ring)
+    for _ in range(100):
+        with sdk.get_tracer("test").start_as_current_span("big", attributes={"text": "x" * 100_000}):
+            pass
+    assert 1 <= len(sdk_ring.snapshot()) <= 10 and sdk_ring.bytes <= 1_000_000

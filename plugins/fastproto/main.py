@@ -123,7 +123,7 @@ def serve(session: Session, data: dict[str, Any]) -> None:
         run_tool(session, data)
     except Exception as exc:
         error = {
-            "error_type": type(exc).__name__,
+            "error_type": getattr(exc, "error_type", type(exc).__name__),
             "message": str(exc),
             "args": {"traceback": traceback.format_exc()},
         }

@@ -82,6 +82,7 @@ def invoke_unsupported(session: Session) -> str:
 def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
     """Applies the stdout faults, pacing, error_at/crash_at and the never-ending modes."""
     error_at = as_int(params.get("error_at"), -1)
+    error_type_size = as_int(params.get("error_type_size"), 0)
     crash_at = as_int(params.get("crash_at"), -1)
     delay_s = as_int(params.get("delay_ms"), 0) / 1000
     stop_heartbeat = as_bool(params.get("stop_heartbeat"), False)
@@ -103,20 +104,28 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
 
     sent = 0
     for message in planned(session, params):
-        check_faults(sent, error_at, crash_at)
+        check_faults(sent, error_at, crash_at, error_type_size)
         if sent and delay_s > 0:
             time.sleep(delay_s)
         yield message
         sent += 1
-    check_faults(sent, error_at, crash_at)
+    check_faults(sent, error_at, crash_at, error_type_size)
 
     if stop_heartbeat or as_bool(params.get("hang"), False):
         threading.Event().wait()  # never send end
 
 
-def check_faults(sent: int, error_at: int, crash_at: int) -> None:
+class FastprotoError(RuntimeError):
+    """A tool failure; ``error_type`` is what the session error reports (a long one, if asked)."""
+
+    def __init__(self, message: str, error_type_size: int) -> None:
+        super().__init__(message)
+        self.error_type = padding(error_type_size) if error_type_size > 0 else "RuntimeError"
+
+
+def check_faults(sent: int, error_at: int, crash_at: int, error_type_size: int = 0) -> None:
     """Every message before this point is already flushed: the runtime writes as we yield."""
     if sent == crash_at:
         os._exit(3)
     if sent == error_at:
-        raise RuntimeError(f"fastproto error at message {sent}")
+        raise FastprotoError(f"fastproto error at message {sent}", error_type_size)
