@@ -26,6 +26,7 @@ from daemon.dispatch import BadRequest
 from daemon.invocation import Invocation, new_session
 from daemon.manifest import ManifestError, ToolSpec, discover
 from daemon.metrics import RuntimeCollector
+from daemon.resources.monitor import ResourceMonitor
 from daemon.runtime import PluginPool, PluginUnavailable, Runtime
 from daemon.storage import BackwardsServices, Storage
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
@@ -44,6 +45,7 @@ class Daemon:
         self.storage: Storage | None = None
         self.runtime: Runtime | None = None
         self._collector: RuntimeCollector | None = None
+        self.monitor: ResourceMonitor | None = None
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -64,6 +66,12 @@ class Daemon:
         await self.runtime.start()
         self._collector = RuntimeCollector(self.runtime.instance_states)
         metrics.REGISTRY.register(self._collector)
+        runtime = self.runtime
+        self.monitor = ResourceMonitor(
+            self.settings, lambda: (i for p in runtime.pools.values() for i in p.instances if i is not None)
+        )
+        metrics.REGISTRY.register(self.monitor.collector)
+        self.monitor.start()
         log.info(
             "serving %d plugin(s) with the %s validator and the %s codec",
             len(self.runtime.pools),
@@ -72,6 +80,9 @@ class Daemon:
         )
 
     async def stop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
+            metrics.REGISTRY.unregister(self.monitor.collector)
         if self.runtime is not None:
             await self.runtime.stop()
         if self._collector is not None:
@@ -169,6 +180,7 @@ async def list_plugins(request: Request) -> Response:
     assert daemon.runtime is not None
     body: dict[str, Any] = {
         "validator": daemon.settings.validator.value,
+        "memory_enforcement": daemon.monitor.enforcement.describe() if daemon.monitor else None,
         "plugins": [pool.describe() for pool in daemon.runtime.pools.values()],
         "load_errors": daemon.runtime.load_errors,
     }

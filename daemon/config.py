@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemon.resources import limits
 
 
 class ValidatorDesign(StrEnum):
@@ -64,12 +67,30 @@ class Settings(BaseSettings):
     plugin_restart_backoff_max: float = Field(30.0, gt=0)
     python_interpreter_path: str | None = None
 
+    # What an instance may use (README: "Resource limits and the watchdog").
+    plugin_memory_limit: ByteSize = ByteSize(1024**3)  # 0: no limit unless a manifest or override sets one
+    plugin_memory_limits: str = ""  # author/name=SIZE,... (0: none)
+    plugin_memory_mechanism: Literal["auto", "rss"] = "auto"
+    plugin_idle_cpu_share: float = Field(0.5, ge=0)  # of one core; 0 turns the watchdog off
+    plugin_idle_cpu_seconds: float = Field(60.0, gt=0)
+    plugin_resource_sample_interval: float = Field(5.0, gt=0)
+
     metrics_access: Access = Access.LOOPBACK
     debug_access: Access = Access.LOOPBACK
     trace_ring_spans: int = Field(20000, ge=0)
 
     session_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_request_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @field_validator("plugin_memory_limits")
+    @classmethod
+    def _overrides(cls, value: str) -> str:
+        limits.parse_overrides(value)  # raises with what is wrong
+        return value
+
+    @property
+    def memory_limit_overrides(self) -> dict[str, int]:
+        return limits.parse_overrides(self.plugin_memory_limits)
 
     @property
     def key_file(self) -> Path:

@@ -48,6 +48,7 @@ from daemon.config import Settings
 from daemon.errors import INSTANCE_DIED, SHUTDOWN, SessionError
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import PluginSpec
+from daemon.resources.monitor import InstanceResources, limit_for
 from daemon.session import Session
 from daemon.storage import BackwardsError, BackwardsServices
 
@@ -130,6 +131,7 @@ class PluginInstance:
         self._dead = False  # set by the reader thread before it fails the open sessions
         self._death: SessionError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.resources = InstanceResources(spec.id, index, spec.memory, settings)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class PluginInstance:
         cmd = [str(self._python), "-m", self.spec.entrypoint]
         if _SETPRIV:
             cmd = [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
+        cmd = self.resources.wrap(cmd)  # outermost: enters the instance's cgroup, then execs
         # Popen runs on the loop thread on purpose: PDEATHSIG fires when the *thread*
         # that forked the child exits, and the loop thread lives as long as we do.
         self._proc = subprocess.Popen(
@@ -225,6 +228,7 @@ class PluginInstance:
     def open_session(self, session: Session, request: Mapping[str, Any]) -> None:
         """Register ``session`` and send its request; an instance that died meanwhile fails it."""
         self.sessions[session.id] = session
+        self.resources.sessions_started += 1
         # The reader sets _dead before it snapshots the sessions it fails, so a session
         # registered concurrently is failed either there or here, never left hanging.
         if self._dead or not self.ready:
@@ -352,7 +356,8 @@ class PluginInstance:
         assert self._proc is not None
         self._signal_group()  # stdout may have closed while the process lives on
         code = self._proc.wait()
-        cause = self._kill_reason or reason
+        cause = self._kill_reason or self.resources.exit_cause(code) or reason
+        self.resources.release()
         outcome = f"{cause} (exit code {code})"
         message = f"plugin instance {self.name} {outcome}"
         self._death = SessionError(SHUTDOWN if self._stopping else INSTANCE_DIED, message)
@@ -554,8 +559,15 @@ class PluginPool:
             "status": self.status,
             "error": self.error,
             "restarts": self.restarts,
+            "memory_limit": limit_for(self.spec.id, self.spec.memory, self._settings).describe(),
             "instances": [
-                {"index": i.index, "pid": i.pid, "state": i.state.value, "sessions": len(i.sessions)}
+                {
+                    "index": i.index,
+                    "pid": i.pid,
+                    "state": i.state.value,
+                    "sessions": len(i.sessions),
+                    **i.resources.describe(),
+                }
                 for i in self.instances
                 if i is not None
             ],
