@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from daemon.config import Settings
 from daemon.resources import cgroups, limits, procfs
 from daemon.resources.cgroups import Mechanism
+from daemon.resources.monitor import InstanceResources
 from tests.test_runtime import wait_for
 
 MIB = 2**20
@@ -116,7 +117,7 @@ def test_a_process_started_in_its_group_is_oom_killed_there_and_the_group_remove
         hog = "keep = [b'x' * 2**20 for _ in range(200)]"
         result = subprocess.run(group.wrap([sys.executable, "-c", hog]), capture_output=True)
         assert result.returncode == -9, result
-        assert group.oom_kills() == 1
+        assert group.oom_kills() == 1 and group.limit_hit()
         # A well-behaved process in the same group runs to the end.
         assert (
             subprocess.run(group.wrap([sys.executable, "-c", "print(1)"]), capture_output=True).stdout
@@ -129,3 +130,52 @@ def test_a_process_started_in_its_group_is_oom_killed_there_and_the_group_remove
 
 def test_rss_can_be_chosen_over_cgroups() -> None:
     assert cgroups.detect("rss").mechanism is Mechanism.RSS
+
+
+def _usage(cpu: float, rss: int = 20 * MIB) -> procfs.Usage:
+    return procfs.Usage(cpu_seconds=cpu, memory_bytes=rss, open_fds=3, threads=2, processes=1)
+
+
+def _watched(**settings: object) -> tuple[InstanceResources, Settings]:
+    config = Settings(**{"plugin_idle_cpu_share": 0.5, "plugin_idle_cpu_seconds": 2, **settings})
+    return InstanceResources("demo/watched", 0, None, config), config
+
+
+def test_idle_cpu_is_judged_over_the_whole_window_and_never_with_sessions() -> None:
+    res, settings = _watched()
+    # Busy (90% of a core) with a session open the whole time: never a kill.
+    assert all(res.observe(t, _usage(0.9 * t), 1, settings) is None for t in range(10))
+    # Idle from t=10: the window fills at t=12 and the share over it is above 50%.
+    assert res.observe(10, _usage(9.0), 0, settings) is None
+    assert res.observe(11, _usage(9.9), 0, settings) is None
+    reason = res.observe(12, _usage(10.8), 0, settings)
+    assert reason is not None and "90% of a core for 2.0 s with no open session" in reason
+
+
+def test_a_session_between_two_samples_resets_the_idle_window() -> None:
+    res, settings = _watched()
+    res.observe(0, _usage(0), 0, settings)
+    res.observe(1, _usage(0.9), 0, settings)
+    res.sessions_started += 1  # opened and closed between samples: the CPU may be its work
+    assert res.observe(2, _usage(1.8), 0, settings) is None
+    assert res.observe(3, _usage(2.7), 0, settings) is None
+    assert res.observe(4, _usage(3.6), 0, settings) is not None  # two idle seconds since t=2
+
+
+def test_below_the_share_or_with_the_watchdog_off_nothing_is_killed() -> None:
+    res, settings = _watched()
+    assert all(res.observe(t, _usage(0.4 * t), 0, settings) is None for t in range(20))
+    res, settings = _watched(plugin_idle_cpu_share=0)
+    assert all(res.observe(t, _usage(1.0 * t), 0, settings) is None for t in range(20))
+
+
+def test_the_rss_watchdog_holds_the_limit_where_no_cgroup_could_be_made() -> None:
+    res, settings = _watched(plugin_memory_limits="demo/watched=64MiB")
+    res.enforcement = cgroups.Enforcement(Mechanism.CGROUP_V1, cgroups.Path("/nonexistent/cgroup"), "")
+    res.mechanism = Mechanism.CGROUP_V1.value
+    assert res.wrap(["python", "-m", "main"]) == ["python", "-m", "main"]
+    assert res.mechanism == "rss-watchdog" and res.cgroup is None
+    assert res.observe(0, _usage(0, rss=60 * MIB), 1, settings) is None
+    reason = res.observe(1, _usage(0, rss=70 * MIB), 1, settings)
+    assert reason is not None and "exceeded its memory limit of 64 MiB" in reason
+    assert "resident 70 MiB" in reason

@@ -216,15 +216,30 @@ class Cgroup:
             return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
         return []
 
-    def oom_kills(self) -> int:
-        """Processes the kernel killed in this group for its limit (0 on kernels that do not say)."""
+    def oom_kills(self) -> int | None:
+        """Processes the kernel killed in this group for its limit (None: this kernel does not say)."""
         name = "memory.events" if self.mechanism is Mechanism.CGROUP_V2 else "memory.oom_control"
+        return self._counter(name, "oom_kill")
+
+    def limit_hit(self) -> bool:
+        """Whether usage ever reached the limit (older kernels' only sign of an OOM kill)."""
+        if self.mechanism is Mechanism.CGROUP_V2:
+            return bool(self._counter("memory.events", "max"))
+        figures = {}
+        for name in ("memory.failcnt", "memory.memsw.failcnt", "memory.max_usage_in_bytes"):
+            with contextlib.suppress(OSError, ValueError):
+                figures[name] = int((self.path / name).read_text())
+        peak = figures.get("memory.max_usage_in_bytes", 0)
+        # Some kernels leave failcnt at 0 when memsw is limited too; the peak still shows it.
+        return peak >= self.limit - 1024 * 1024 or any(v > 0 for k, v in figures.items() if "failcnt" in k)
+
+    def _counter(self, name: str, key: str) -> int | None:
         with contextlib.suppress(OSError, ValueError):
             for line in (self.path / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
+                field, _, value = line.partition(" ")
+                if field == key:
                     return int(value)
-        return 0
+        return None
 
     def remove(self) -> None:
         """Kill whatever is left in the group (a plugin's stray children), then remove it."""

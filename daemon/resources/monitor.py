@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import re
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sized
@@ -65,13 +66,13 @@ class InstanceResources:
         self.limit = limit_for(plugin_id, declared, settings)
         self.enforcement = enforcement(settings.plugin_memory_mechanism)
         self.cgroup: Cgroup | None = None
+        self.mechanism = self.enforcement.mechanism.value if self.limit.bytes else "none"
         self.sessions_started = 0  # bumped by the runtime; lets the watchdog see short sessions
         self.usage: procfs.Usage | None = None
         self.cpu_share: float | None = None  # of one core, over the last sample interval
         self.killed_for: str | None = None
         self._idle: deque[tuple[float, float]] = deque()  # (time, cpu seconds) since idle
         self._last: tuple[float, int, int] | None = None  # (time, open sessions, sessions started)
-        self._oom_seen = 0
         for reason in KILL_REASONS:
             kills_total.labels(plugin_id, reason)
         if plugin_id not in _announced:
@@ -85,10 +86,6 @@ class InstanceResources:
                 self.mechanism,
             )
 
-    @property
-    def mechanism(self) -> str:
-        return self.enforcement.mechanism.value if self.limit.bytes else "none"
-
     # -- hooks for the runtime ------------------------------------------------------
 
     def wrap(self, command: list[str]) -> list[str]:
@@ -97,16 +94,28 @@ class InstanceResources:
         if self.limit.bytes is None or parent is None:
             return command
         name = f"{cgroups.PREFIX}{os.getpid()}-{re.sub(r'[^A-Za-z0-9_.-]', '_', self.plugin_id)}"
-        self.cgroup = Cgroup(
-            parent, f"{name}-{self.index}-{next(_serial)}", self.enforcement.mechanism, self.limit.bytes
-        )
+        try:
+            self.cgroup = Cgroup(
+                parent, f"{name}-{self.index}-{next(_serial)}", self.enforcement.mechanism, self.limit.bytes
+            )
+        except OSError as exc:
+            # The hierarchy changed under us: this instance is still held to its limit, by sampling.
+            self.mechanism = Mechanism.RSS.value
+            log.error("plugin %s#%d: no cgroup (%s); the RSS watchdog holds its limit", *self._key(), exc)
+            return command
         return self.cgroup.wrap(command)
+
+    def _key(self) -> tuple[str, int]:
+        return self.plugin_id, self.index
 
     def exit_cause(self, exit_code: int) -> str | None:
         """Why the process died, if the kernel killed it for its memory limit."""
-        if self.cgroup is None or self.limit.bytes is None or self.cgroup.oom_kills() == 0:
+        if self.cgroup is None or self.limit.bytes is None:
             return None
-        return self._killed("memory_limit", self._oom_message())
+        kills = self.cgroup.oom_kills()
+        # A kernel that does not count OOM kills: a SIGKILL after hitting the limit is one.
+        oom = kills > 0 if kills is not None else exit_code == -signal.SIGKILL and self.cgroup.limit_hit()
+        return self._killed("memory_limit", self._oom_message()) if oom else None
 
     def release(self) -> None:
         """After the process is gone: remove its cgroup (killing any stray child first)."""
@@ -137,11 +146,10 @@ class InstanceResources:
         if previous is not None and last is not None and now > last[0]:
             self.cpu_share = max(0.0, usage.cpu_seconds - previous.cpu_seconds) / (now - last[0])
         if self.limit.bytes is not None:
-            if self.cgroup is not None and self.cgroup.oom_kills() > self._oom_seen:
+            if self.cgroup is not None and (self.cgroup.oom_kills() or 0) > 0:
                 # The kernel killed one of its processes (perhaps a child): take the whole instance.
-                self._oom_seen = self.cgroup.oom_kills()
                 return self._killed("memory_limit", self._oom_message())
-            if self.enforcement.mechanism is Mechanism.RSS and usage.memory_bytes > self.limit.bytes:
+            if self.mechanism == Mechanism.RSS.value and usage.memory_bytes > self.limit.bytes:
                 return self._killed(
                     "memory_limit",
                     f"exceeded its memory limit of {limits.mib(self.limit.bytes)} ({self.limit.source};"
