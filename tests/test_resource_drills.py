@@ -85,6 +85,8 @@ def test_an_instance_over_its_memory_limit_is_killed_alone_and_restarts(
         bystander = LongStream(stack, client, daemon, FP)
         neighbour = LongStream(stack, client, daemon, VICTIM)
         (neighbour_pid,) = [i["pid"] for i in victim_instances(daemon) if i["sessions"]]
+        groups = {i["pid"]: i["cgroup"] for i in victim_instances(daemon)}
+        assert all(groups.values()) if active.startswith("cgroup") else not any(groups.values())
         # 160 MiB, kept: the kernel kills during the allocation, the RSS watchdog at its next sample.
         events = daemon.invoke(VICTIM, "emit", {"allocate_mb": 160, "hang": True}, provider="fastproto")
         error = last_error(events)
@@ -98,6 +100,11 @@ def test_an_instance_over_its_memory_limit_is_killed_alone_and_restarts(
         neighbour.check_untouched()
         assert neighbour_pid in daemon.instance_pids(VICTIM)
         check_bystander(daemon, bystander_pids, bystander)
+    # The killed instance's group is gone; the survivor's is still there.
+    assert {pid: Path(g).exists() for pid, g in groups.items() if g} in (
+        {},
+        {pid: pid == neighbour_pid for pid in groups},
+    )
     assert kills(daemon, VICTIM, "memory_limit") == 1 and kills(daemon, VICTIM, "idle_cpu") == 0
     assert f"plugin {VICTIM}: restarting slot" in daemon.log()
     # The 160 MiB were the plugin's, never the daemon's.
@@ -133,6 +140,7 @@ def test_an_idle_instance_that_spins_is_restarted_but_never_while_it_has_a_sessi
         assert daemon.instance_pids(VICTIM) != [pid]
         check_bystander(daemon, bystander_pids, bystander)
     assert kills(daemon, VICTIM, "idle_cpu") == 1 and kills(daemon, VICTIM, "memory_limit") == 0
+    assert metric(daemon, "plugin_instance_cpu_seconds_total", plugin_id=VICTIM, instance="0") is not None
     logged = [line for line in daemon.log().splitlines() if "with no open session" in line]
     assert logged and f"idle-CPU limit 20% over {window:g} s" in logged[0], daemon.log()
     assert daemon.invoke(VICTIM, "emit", {"count": 2}, provider="fastproto")[-1].ok
@@ -188,4 +196,5 @@ def test_a_slow_leak_under_load_ends_at_the_limit_and_the_figures_show_it(
     assert outcomes.count("ok") > 10 and failed, outcomes
     assert all("memory limit of 64 MiB" in o for o in failed), failed
     assert kills(daemon, VICTIM, "memory_limit") == 1
+    assert wait_for(lambda: metric(daemon, "plugin_instance_memory_bytes", plugin_id=VICTIM, instance="0"))
     assert daemon.invoke(VICTIM, "emit", {"count": 2}, provider="fastproto")[-1].ok

@@ -179,3 +179,26 @@ def test_the_rss_watchdog_holds_the_limit_where_no_cgroup_could_be_made() -> Non
     reason = res.observe(1, _usage(0, rss=70 * MIB), 1, settings)
     assert reason is not None and "exceeded its memory limit of 64 MiB" in reason
     assert "resident 70 MiB" in reason
+
+
+def test_a_child_killed_at_the_limit_takes_its_whole_instance(enforcement: cgroups.Enforcement) -> None:
+    settings = Settings(plugin_memory_limits="demo/forks=64MiB")
+    res = InstanceResources("demo/forks", 0, None, settings)
+    script = (
+        "import subprocess, sys, time\n"
+        "hog = 'keep = [b\"x\" * 2**20 for _ in range(200)]'\n"
+        "print(subprocess.run([sys.executable, '-c', hog]).returncode, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(res.wrap([sys.executable, "-c", script]), stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"-9\n"  # the child, not the parent
+        usage = procfs.usage([proc.pid])
+        assert usage is not None
+        reason = res.observe(time.monotonic(), usage, 0, settings)
+        assert reason is not None and "exceeding its memory limit of 64 MiB" in reason
+    finally:
+        proc.kill()
+        proc.wait()
+        res.release()
+    assert res.cgroup is not None and not res.cgroup.path.exists()
