@@ -357,7 +357,6 @@ class PluginInstance:
         self._signal_group()  # stdout may have closed while the process lives on
         code = self._proc.wait()
         cause = self._kill_reason or self.resources.exit_cause(code) or reason
-        self.resources.release()
         outcome = f"{cause} (exit code {code})"
         message = f"plugin instance {self.name} {outcome}"
         self._death = SessionError(SHUTDOWN if self._stopping else INSTANCE_DIED, message)
@@ -375,6 +374,7 @@ class PluginInstance:
                     "plugin.sessions_failed": len(self.sessions),
                 }
             )
+        self.resources.release()  # after the sessions have their error; before the slot restarts
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._set_exited, outcome)
 
