@@ -154,47 +154,54 @@ def test_a_slow_leak_under_load_ends_at_the_limit_and_the_figures_show_it(
     outcomes: list[str] = []
     stop = threading.Event()
 
+    def call(client: httpx.Client) -> str:
+        request = daemon.invocation(VICTIM, "emit", {"count": 1, "leak_kb": 256}, "fastproto")
+        r = client.post(daemon.invoke_url(), **request)
+        if r.status_code != 200:  # the pool may refuse while the only instance restarts
+            return f"{r.status_code} {r.text}"
+        events = parse_sse(r.content)
+        return "ok" if events[-1].ok else events[-1].error["message"]
+
     def load() -> None:  # bounded: stops once the drill has seen the kill, or after 500 calls
         with httpx.Client(timeout=120) as client:
             for _ in range(500):
                 if stop.is_set():
                     return
-                request = daemon.invocation(VICTIM, "emit", {"count": 1, "leak_kb": 256}, "fastproto")
-                r = client.post(daemon.invoke_url(), **request)
-                if r.status_code != 200:  # the pool may refuse while the only instance restarts
-                    outcomes.append(f"{r.status_code} {r.text}")
-                    continue
-                events = parse_sse(r.content)
-                outcomes.append("ok" if events[-1].ok else events[-1].error["message"])
+                outcomes.append(call(client))
 
-    memory: list[int] = []
-
-    def leaked() -> bool:
-        for instance in victim_instances(daemon):  # none while it restarts
-            if "memory_bytes" in instance["resources"]:
-                memory.append(instance["resources"]["memory_bytes"])
-        return bool(kills(daemon, VICTIM, "memory_limit"))
+    def sampled_memory() -> float | None:
+        return metric(daemon, "plugin_instance_memory_bytes", plugin_id=VICTIM, instance="0")
 
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(httpx.Client(timeout=120))
         bystander = LongStream(stack, client, daemon, FP)
+        (pid,) = daemon.instance_pids(VICTIM)
+        before = wait_for(sampled_memory)
+        # 20 MiB leaked, well under the limit: the sampled figure climbs and nothing is killed.
+        assert all(call(client) == "ok" for _ in range(80))
+        wait_for(lambda: (sampled_memory() or 0) >= before + 16 * 2**20)
+        assert daemon.instance_pids(VICTIM) == [pid] and not kills(daemon, VICTIM, "memory_limit")
+        # Then under load from two clients until the limit is reached.
         workers = [threading.Thread(target=load) for _ in range(2)]
         for worker in workers:
             worker.start()
         try:
-            wait_for(leaked, limit=120)
+            wait_for(lambda: kills(daemon, VICTIM, "memory_limit"), limit=120)
         finally:
             stop.set()
             for worker in workers:
                 worker.join()
         daemon.wait_ready(VICTIM)
         check_bystander(daemon, bystander_pids, bystander)
-    # The sampled figure climbed on the way to the limit; the calls on the leaking instance
-    # succeeded until it died, and those in flight then ended naming the limit.
-    assert max(memory) > 2 * memory[0], memory
+    # Calls succeeded until the instance died; any in flight then ended naming the limit (with
+    # a cgroup the kernel kills during an allocation, so one always is).
     failed = [o for o in outcomes if o != "ok" and not o.startswith("503 ")]
-    assert outcomes.count("ok") > 10 and failed, outcomes
+    assert outcomes.count("ok") > 10, outcomes
     assert all("memory limit of 64 MiB" in o for o in failed), failed
+    listing = httpx.get(f"{daemon.url}/plugins", headers={"X-Api-Key": daemon.key}).json()
+    if listing["memory_enforcement"]["mechanism"].startswith("cgroup"):
+        assert failed, outcomes
     assert kills(daemon, VICTIM, "memory_limit") == 1
-    assert wait_for(lambda: metric(daemon, "plugin_instance_memory_bytes", plugin_id=VICTIM, instance="0"))
+    assert daemon.instance_pids(VICTIM) != [pid]
+    assert wait_for(lambda: (sampled_memory() or 2**40) < before + 16 * 2**20)  # the new instance
     assert daemon.invoke(VICTIM, "emit", {"count": 2}, provider="fastproto")[-1].ok

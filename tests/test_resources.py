@@ -7,14 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from daemon.config import Settings
+from daemon.manifest import load_plugin
 from daemon.resources import cgroups, limits, procfs
 from daemon.resources.cgroups import Mechanism
 from daemon.resources.monitor import InstanceResources
+from daemon.testing import copy_plugin
 from tests.test_runtime import wait_for
 
 MIB = 2**20
@@ -202,3 +205,13 @@ def test_a_child_killed_at_the_limit_takes_its_whole_instance(enforcement: cgrou
         proc.wait()
         res.release()
     assert res.cgroup is not None and not res.cgroup.path.exists()
+
+
+@pytest.mark.parametrize(
+    ("declared", "expected"), [("268435456", 256 * MIB), ("1048576", MIB), ('"lots"', None), ("true", None)]
+)
+def test_the_manifest_memory_is_read_as_declared(tmp_path: Path, declared: str, expected: int | None) -> None:
+    plugin = copy_plugin("fastproto", tmp_path)
+    manifest = plugin / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("memory: 268435456", f"memory: {declared}"))
+    assert load_plugin(plugin).memory == expected
