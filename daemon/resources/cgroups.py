@@ -173,9 +173,8 @@ def detect(preference: str = "auto") -> Enforcement:
         try:
             _probe(v1, Mechanism.CGROUP_V1)
             _sweep(v1)
-            return Enforcement(
-                Mechanism.CGROUP_V1, v1, f"memory.limit_in_bytes of a group per instance under {v1}"
-            )
+            detail = "; ".join([f"memory.limit_in_bytes of a group per instance under {v1}", *reasons])
+            return Enforcement(Mechanism.CGROUP_V1, v1, detail)
         except OSError as exc:
             reasons.append(f"cgroup v1: {exc}")
     else:
