@@ -26,6 +26,7 @@ from daemon.invocation import Invocation, new_session
 from daemon.limits import BodyLimit, Budget
 from daemon.manifest import ManifestError, discover
 from daemon.metrics import RuntimeCollector
+from daemon.resources.monitor import ResourceMonitor
 from daemon.runtime import PluginUnavailable, Runtime
 from daemon.runtime.backwards import BackwardsServices
 from daemon.shutdown import Drain
@@ -50,6 +51,7 @@ class Daemon:
         self.drain = Drain(settings.server_shutdown_drain_timeout)
         self.buffers = Budget(settings.session_buffer_total_bytes)
         self.profiler = profiling.Profiler()
+        self.monitor: ResourceMonitor | None = None
 
     async def start(self) -> None:
         self.storage = Storage(self.settings.storage_file)
@@ -70,6 +72,12 @@ class Daemon:
         await self.runtime.start()
         self._collector = RuntimeCollector(self.runtime.instance_states)
         metrics.REGISTRY.register(self._collector)
+        runtime = self.runtime
+        self.monitor = ResourceMonitor(
+            self.settings, lambda: (i for p in runtime.pools.values() for i in p.instances if i is not None)
+        )
+        metrics.REGISTRY.register(self.monitor.collector)
+        self.monitor.start()
         log.info(
             "serving %d plugin(s) with the %s validator and the %s codec",
             len(self.runtime.pools),
@@ -78,6 +86,9 @@ class Daemon:
         )
 
     async def stop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
+            metrics.REGISTRY.unregister(self.monitor.collector)
         if self.runtime is not None:
             await self.runtime.stop()
         if self._collector is not None:
@@ -174,6 +185,7 @@ async def list_plugins(request: Request) -> Response:
     assert daemon.runtime is not None
     body: dict[str, Any] = {
         "validator": daemon.settings.validator.value,
+        "memory_enforcement": daemon.monitor.enforcement.describe() if daemon.monitor else None,
         "plugins": daemon.runtime.describe(request.query_params.get("tenant_id")),
         "load_errors": daemon.runtime.load_errors,
     }

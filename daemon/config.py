@@ -11,8 +11,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ByteSize, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemon.resources import limits
 
 
 class ValidatorDesign(StrEnum):
@@ -99,6 +101,23 @@ class Settings(BaseSettings):
         5003, ge=0, le=65535, description="port of the remote-debugging listener"
     )
 
+    # What an instance may use (README: "Resource limits and the watchdog").
+    plugin_memory_limit: ByteSize = Field(
+        ByteSize(1024**3),
+        description="resident memory per instance; 0: none unless a manifest or override sets one",
+    )
+    plugin_memory_limits: str = Field("", description="per-plugin overrides: author/name=SIZE,... (0: none)")
+    plugin_memory_mechanism: Literal["auto", "rss"] = Field(
+        "auto", description="auto: a cgroup where one can be made, else RSS sampling; rss: sampling only"
+    )
+    plugin_idle_cpu_share: float = Field(
+        0.5, ge=0, description="share of one core an idle instance may use (0 turns the watchdog off)"
+    )
+    plugin_idle_cpu_seconds: float = Field(60.0, gt=0, description="for this long before it is restarted")
+    plugin_resource_sample_interval: float = Field(
+        5.0, gt=0, description="seconds between samples of each instance's /proc figures"
+    )
+
     metrics_access: Access = Field(
         Access.LOOPBACK, description="who may read /metrics: open, loopback (or the key), key, off"
     )
@@ -142,6 +161,16 @@ class Settings(BaseSettings):
         "none", description="uid: each plugin runs under its own unprivileged uid (needs root)"
     )
     plugin_uid_base: int = Field(200_000, ge=1000, description="first uid of PLUGIN_ISOLATION=uid")
+
+    @field_validator("plugin_memory_limits")
+    @classmethod
+    def _overrides(cls, value: str) -> str:
+        limits.parse_overrides(value)  # raises with what is wrong
+        return value
+
+    @property
+    def memory_limit_overrides(self) -> dict[str, int]:
+        return limits.parse_overrides(self.plugin_memory_limits)
 
     @property
     def key_file(self) -> Path:

@@ -63,6 +63,7 @@ class PluginSpec:
     python_version: str
     entrypoint: str
     providers: Mapping[str, ProviderSpec] = field(default_factory=dict)
+    memory: int | None = None  # resource.memory as declared, in bytes
 
     @property
     def id(self) -> str:
@@ -208,7 +209,14 @@ def load_plugin(root: Path, backend: ValidatorBackend = ValidatorBackend.JSONSCH
         python_version=str(runner.get("version", "3.12")),
         entrypoint=_name(runner.get("entrypoint", "main"), "meta.runner.entrypoint", path),
         providers=providers,
+        memory=_declared_memory(data),
     )
+
+
+def _declared_memory(data: Mapping[str, Any]) -> int | None:
+    resource = data.get("resource")
+    memory = resource.get("memory") if isinstance(resource, Mapping) else None
+    return memory if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0 else None
 
 
 def discover(

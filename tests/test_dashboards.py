@@ -95,6 +95,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         tmp_path / "daemon.log",
         metrics_access="key",
         plugin_max_execution_timeout=1,
+        plugin_resource_sample_interval=0.5,
     )
     daemon.wait_ready(FP)
     prometheus = Prometheus(tmp_path, daemon.url.removeprefix("http://"), daemon.key)
@@ -189,6 +190,10 @@ def test_the_dashboard_is_well_formed() -> None:
         "Serialization share",
         "Instances up",
         "Restarts",
+        "Plugin CPU",
+        "Plugin memory (RSS) and limit",
+        "Plugin open files and threads",
+        "Resource kills",
     ):
         assert topic in titles
     datasources = yaml.safe_load(

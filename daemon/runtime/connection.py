@@ -30,6 +30,7 @@ from daemon import metrics, wire
 from daemon.config import Settings
 from daemon.errors import INSTANCE_DIED, SHUTDOWN, SessionError
 from daemon.manifest import PluginSpec
+from daemon.resources.monitor import InstanceResources
 from daemon.runtime.backwards import BackwardsCalls, BackwardsServices
 from daemon.session import Session
 from daemon.wire import Codec
@@ -111,6 +112,8 @@ class Connection:
         self._dead = False  # set by the reader thread before it fails the open sessions
         self._death: SessionError | None = None
         self.backwards = BackwardsCalls(self.name, services, self.send)
+        # A local process's resource figures and limits (daemon/resources); None over TCP.
+        self.resources: InstanceResources | None = getattr(transport, "resources", None)
 
     @property
     def pid(self) -> int | None:
@@ -192,6 +195,8 @@ class Connection:
         """Register ``session`` and send its request; an instance that died meanwhile fails it."""
         self.reserved = max(0, self.reserved - 1)
         self.sessions[session.id] = session
+        if self.resources is not None:
+            self.resources.sessions_started += 1  # lets the idle-CPU watchdog see short sessions
         # The reader sets _dead before it snapshots the sessions it fails, so a session
         # registered concurrently is failed either there or here, never left hanging.
         if self._dead or not self.ready:

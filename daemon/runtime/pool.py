@@ -25,6 +25,7 @@ from daemon import isolation, metrics
 from daemon.config import Settings
 from daemon.install import InstallError, InstallProgress, ensure_venv
 from daemon.manifest import PluginSpec
+from daemon.resources.monitor import InstanceResources, limit_for
 from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.connection import Connection, InstanceStartError, PluginUnavailable
 from daemon.runtime.process import ProcessTransport
@@ -54,6 +55,7 @@ def process_connection(
         max_line_bytes=settings.plugin_max_line_bytes,
         loop=loop,
         drop_privileges=isolation.setpriv_args(spec.id, settings.plugin_isolation, settings.plugin_uid_base),
+        resources=InstanceResources(spec.id, index, spec.memory, settings),
     )
     return Connection(spec, index, transport, settings=settings, codec=codec, services=services, loop=loop)
 
@@ -229,8 +231,15 @@ class PluginPool:
             "stderr": self.stderr if self.status == "failed" else [],
             "restarts": self.restarts,
             "install": self.install.describe(),
+            "memory_limit": limit_for(self.spec.id, self.spec.memory, self._settings).describe(),
             "instances": [
-                {"index": i.index, "pid": i.pid, "state": i.state.value, "sessions": len(i.sessions)}
+                {
+                    "index": i.index,
+                    "pid": i.pid,
+                    "state": i.state.value,
+                    "sessions": len(i.sessions),
+                    **(i.resources.describe() if i.resources is not None else {}),
+                }
                 for i in self.instances
                 if i is not None
             ],

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from daemon.errors import INSTANCE_DIED
 from daemon.manifest import PluginSpec
+from daemon.resources.monitor import InstanceResources
 
 log = logging.getLogger("daemon.runtime")
 
@@ -150,8 +151,10 @@ class ProcessTransport:
         max_line_bytes: int,
         loop: asyncio.AbstractEventLoop,
         drop_privileges: Sequence[str] = (),
+        resources: InstanceResources | None = None,
     ) -> None:
         self.spec = spec
+        self.resources = resources  # its cgroup and the cause of an OOM kill (daemon/resources)
         self._drop_privileges = list(drop_privileges)  # setpriv options: the plugin's own uid
         self.name = name
         self._python = python
@@ -174,6 +177,8 @@ class ProcessTransport:
         cmd = [str(self._python), "-m", self.spec.entrypoint]
         if _SETPRIV:
             cmd = [_SETPRIV, "--pdeathsig", "KILL", *self._drop_privileges, "--", *cmd]
+        if self.resources is not None:
+            cmd = self.resources.wrap(cmd)  # outermost: enters the instance's cgroup, then execs
         # Popen runs on the loop thread on purpose: PDEATHSIG fires when the *thread*
         # that forked the child exits, and the loop thread lives as long as we do.
         self._proc = subprocess.Popen(
@@ -253,13 +258,17 @@ class ProcessTransport:
             reason = f"reader failed: {exc!r}"
             log.exception("plugin %s: reader failed", self.name)
         finally:
+            killed_for = self._kill_reason  # a kill asked for before the stream ended names the cause
             self.kill(reason)  # stdout may have closed while the process lives on
             code = self._reap()
             self._proc.stdout.close()
-            outcome = f"{self._kill_reason or reason} (exit code {code})"
+            memory = self.resources.exit_cause(code) if self.resources is not None else None
+            outcome = f"{killed_for or memory or reason} (exit code {code})"
             try:
                 on_close(outcome)
             finally:
+                if self.resources is not None:
+                    self.resources.release()  # after the sessions have their error, before a restart
                 with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
                     self._loop.call_soon_threadsafe(self._set_exited, outcome)
 

@@ -14,6 +14,8 @@ from typing import Any
 from wire import Session, ToolMessage, ToolStream
 
 PATTERN = "abcdefghijklmnopqrstuvwxyz"
+MIB = 1024 * 1024
+HELD: list[bytes] = []  # memory the resource faults keep for the life of the process
 
 
 def as_int(value: Any, default: int) -> int:
@@ -88,6 +90,7 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
     stop_heartbeat = as_bool(params.get("stop_heartbeat"), False)
     if stop_heartbeat:
         session.heartbeats_stopped.set()
+    resource_faults(params)
 
     flood = as_int(params.get("backwards_flood"), 0)
     for _ in range(flood):  # storage calls sent without waiting for their answers
@@ -129,3 +132,20 @@ def check_faults(sent: int, error_at: int, crash_at: int, error_type_size: int =
         os._exit(3)
     if sent == error_at:
         raise FastprotoError(f"fastproto error at message {sent}", error_type_size)
+
+
+def resource_faults(params: dict[str, Any]) -> None:
+    """Memory kept for good (``allocate_mb`` at once, ``leak_kb`` a little per call) and ``spin``."""
+    for _ in range(as_int(params.get("allocate_mb"), 0)):
+        HELD.append(b"m" * MIB)  # written, so resident: not just reserved
+    leak = as_int(params.get("leak_kb"), 0)
+    if leak > 0:
+        HELD.append(b"l" * (leak * 1024))
+    if as_bool(params.get("spin"), False):
+        threading.Thread(target=spin, daemon=True).start()
+
+
+def spin() -> None:
+    """Burn a core forever, as the SDK does when its loop wedges; the session itself ends."""
+    while True:
+        pass
