@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +46,16 @@ def process_connection(
     codec: Codec,
     services: BackwardsServices,
     loop: asyncio.AbstractEventLoop,
+    drop_privileges: Sequence[str] = (),
 ) -> Connection:
-    """An instance that is a local child process."""
+    """An instance that is a local child process (``drop_privileges``: setpriv options)."""
     transport = ProcessTransport(
         spec,
         f"{spec.id}#{index}",
         python=python,
         max_line_bytes=settings.plugin_max_line_bytes,
         loop=loop,
-        drop_privileges=isolation.setpriv_args(spec.id, settings.plugin_isolation, settings.plugin_uid_base),
+        drop_privileges=drop_privileges,
         resources=InstanceResources(spec.id, index, spec.memory, settings),
     )
     return Connection(spec, index, transport, settings=settings, codec=codec, services=services, loop=loop)
@@ -82,6 +83,7 @@ class PluginPool:
         self.stderr: list[str] = []  # the last stderr lines of the last failed start
         self.restarts = 0
         self.install = InstallProgress()
+        self.isolation: isolation.Isolation | None = None  # decided once installed
         self.start_failures = 0  # in a row, over every slot
         self.instances: list[Connection | None] = [None] * settings.plugin_instances
         self._changed = asyncio.Condition()
@@ -97,11 +99,24 @@ class PluginPool:
         while True:
             try:
                 python = await ensure_venv(self.spec, self._settings.python_interpreter_path, self.install)
+                self.isolation = await asyncio.to_thread(
+                    isolation.decide,
+                    self.spec.id,
+                    self.spec.path,
+                    self.spec.entrypoint,
+                    python,
+                    self._settings.plugin_isolation,
+                    self._settings.plugin_uid_base,
+                )
                 break
             except Exception as exc:
                 failures += 1
-                message = str(exc) if isinstance(exc, InstallError) else f"install failed: {exc!r}"
-                log.error("plugin %s cannot be installed: %s", self.spec.id, message)
+                known = (InstallError, isolation.IsolationError)
+                message = str(exc) if isinstance(exc, known) else f"install failed: {exc!r}"
+                if isinstance(exc, isolation.IsolationError):
+                    log.error("%s", message)
+                else:
+                    log.error("plugin %s cannot be installed: %s", self.spec.id, message)
                 await self._set_status("failed", message)
                 delay = self._delay(failures)
                 log.warning("plugin %s: retrying the install in %.2f s", self.spec.id, delay)
@@ -125,6 +140,7 @@ class PluginPool:
                     codec=self._codec,
                     services=self._services,
                     loop=loop,
+                    drop_privileges=self.isolation.setpriv_args() if self.isolation else (),
                 )
                 self.instances[slot] = instance
                 await instance.start()
@@ -231,6 +247,7 @@ class PluginPool:
             "stderr": self.stderr if self.status == "failed" else [],
             "restarts": self.restarts,
             "install": self.install.describe(),
+            "isolation": self.isolation.describe() if self.isolation is not None else None,
             "memory_limit": limit_for(self.spec.id, self.spec.memory, self._settings).describe(),
             "instances": [
                 {
