@@ -255,6 +255,7 @@ class PluginPool:
                     "pid": i.pid,
                     "state": i.state.value,
                     "sessions": len(i.sessions),
+                    "backwards_calls": i.backwards.active,
                     **(i.resources.describe() if i.resources is not None else {}),
                 }
                 for i in self.instances
