@@ -30,6 +30,7 @@ from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.connection import Connection, InstanceStartError, PluginUnavailable
 from daemon.runtime.process import ProcessTransport
 from daemon.runtime.tcp import RemoteDebugging, RemotePlugin, describe_providers
+from daemon.runtime.tenants import TenantPools
 from daemon.wire import Codec
 
 log = logging.getLogger("daemon.runtime")
@@ -208,6 +209,11 @@ class PluginPool:
                 self.stderr = []
             self._changed.notify_all()
 
+    async def installed(self) -> None:
+        """Return once the plugin is installed (its venv made and its isolation decided)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.isolation is not None)
+
     def ready_instances(self) -> list[Connection]:
         return [i for i in self.instances if i is not None and i.ready]
 
@@ -285,6 +291,7 @@ class Runtime:
                 continue
             self.pools[spec.id] = PluginPool(spec, settings=settings, codec=codec, services=services)
         self._tasks: list[asyncio.Task[None]] = []
+        self.tenants = TenantPools(settings=settings, codec=codec, services=services)
         self.remote = (
             RemoteDebugging(settings=settings, codec=codec, services=services)
             if settings.plugin_remote_installing_enabled
@@ -294,11 +301,19 @@ class Runtime:
     def pool_for(self, plugin_id: str, tenant_id: str) -> PluginPool | RemotePlugin | None:
         """What serves ``plugin_id`` to ``tenant_id``: its remote-debug connection first."""
         remote = self.remote.for_tenant(tenant_id).get(plugin_id) if self.remote is not None else None
-        return remote or self.pools.get(plugin_id)
+        if remote is not None:
+            return remote
+        pool = self.pools.get(plugin_id)
+        if pool is not None and self.tenants.applies(plugin_id):
+            return self.tenants.pool(pool, tenant_id)  # type: ignore[return-value]
+        return pool
 
     def describe(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         """Every local plugin, and the remote ones of ``tenant_id`` (of every tenant if None)."""
         described = [pool.describe() for pool in self.pools.values()]
+        for entry in described:
+            if self.tenants.applies(entry["plugin_id"]):
+                entry["tenant_pools"] = self.tenants.describe(entry["plugin_id"])
         if self.remote is not None:
             tenants = [tenant_id] if tenant_id is not None else list(self.remote.plugins)
             for tenant in tenants:
@@ -322,10 +337,12 @@ class Runtime:
             asyncio.create_task(pool.run(), name=f"pool {plugin_id}")
             for plugin_id, pool in self.pools.items()
         ]
+        self.tenants.start()
 
     async def stop(self) -> None:
         if self.remote is not None:
             await self.remote.stop()
+        await self.tenants.stop()
         for pool in self.pools.values():
             pool.stop()
         for task in self._tasks:
