@@ -106,6 +106,7 @@ for path in filter(None, sys.path):
     if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
         sys.exit(f"{path} is not readable")
 import json  # from the standard library's files, not frozen into the interpreter
+sys.path.insert(0, plugin_dir)  # as `python -m` does, after the imports above (-I keeps it out)
 found = importlib.util.find_spec(entry)
 if found is None or (found.origin and not os.access(found.origin, os.R_OK)):
     sys.exit(f"its entrypoint {entry!r} cannot be imported")
@@ -175,6 +176,7 @@ def _check_uid(plugin_dir: Path, entrypoint: str, python: Path, uid: int) -> Non
         "--clear-groups",
         "--",
         str(python),
+        "-I",
         "-c",
         _PROBE,
         entrypoint,
