@@ -152,8 +152,12 @@ def _log_level(args: argparse.Namespace) -> str:
 
 def check_plugins_dir(path: Path) -> None:
     """A missing, unreadable or non-directory ``--plugins`` stops the start; an empty one is a warning."""
-    if not path.exists():
+    try:
+        path.stat()
+    except FileNotFoundError:
         sys.exit(f"plugin-daemon: plugins directory {path} does not exist")
+    except OSError as exc:  # a directory above it that cannot be searched, among others
+        sys.exit(f"plugin-daemon: cannot read plugins directory {path}: {exc.strerror or exc}")
     if not path.is_dir():
         sys.exit(f"plugin-daemon: plugins directory {path} is a file, not a directory")
     try:

@@ -157,10 +157,19 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field(
         "127.0.0.1,::1", description="proxies whose X-Forwarded-For is believed (uvicorn's variable)"
     )
-    plugin_isolation: Literal["none", "uid"] = Field(
-        "none", description="uid: each plugin runs under its own unprivileged uid (needs root)"
+    plugin_isolation: Literal["auto", "none", "uid"] = Field(
+        "auto",
+        description="auto: as root, each plugin under its own uid when that uid can run it; "
+        "uid: always (a plugin it cannot run fails); none: the daemon's uid",
     )
-    plugin_uid_base: int = Field(200_000, ge=1000, description="first uid of PLUGIN_ISOLATION=uid")
+    plugin_instance_per_tenant: str = Field(
+        "", description="true, or author/name,...: plugins that get an instance of their own per tenant"
+    )
+    plugin_tenant_pools_max: int = Field(32, ge=1, description="tenant instances per plugin, at most")
+    plugin_tenant_idle_timeout: float = Field(
+        300.0, gt=0, description="seconds a tenant's instance may go without a session before it stops"
+    )
+    plugin_uid_base: int = Field(200_000, ge=1000, description="first uid of plugins' own uids")
 
     @field_validator("plugin_memory_limits")
     @classmethod

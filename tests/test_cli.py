@@ -8,11 +8,13 @@ import pty
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from daemon.testing import REPO, copy_plugin, free_port
 
@@ -170,6 +172,55 @@ def test_a_missing_plugins_directory_or_a_file_stops_the_start(tmp_path: Path) -
             assert f"plugin-daemon: plugins directory {path} {said}" in out.stderr
             assert "listening" not in out.stderr + out.stdout
             assert "Traceback" not in out.stderr
+
+
+NOBODY = 65534  # owns the directories below; the command runs without access to them
+
+
+def unprivileged() -> list[str]:
+    """A ``setpriv`` prefix that runs the console script without access to other users' files.
+
+    Its own unprivileged uid when that uid can run the project's interpreter; else (an
+    interpreter under a 0700 ``/root``, as pyenv's) root without the capabilities that bypass
+    file permissions, which then holds it to them like any other user.
+    """
+    as_uid = ["setpriv", "--reuid=64000", "--regid=64000", "--clear-groups", "--"]
+    if subprocess.run([*as_uid, CONSOLE_SCRIPT, "--help"], capture_output=True).returncode == 0:
+        return as_uid
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sets up directories of another user as root")
+def test_an_unreadable_plugins_directory_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="cli-", dir="/tmp"))  # searchable by everyone
+    try:
+        root.chmod(0o755)
+        closed = root / "closed"  # the plugins directory itself cannot be read
+        (closed / "fastproto").mkdir(parents=True)
+        behind = root / "private" / "plugins"  # nor can the directory above it be searched
+        behind.mkdir(parents=True)
+        for path in (closed, root / "private"):
+            os.chown(path, NOBODY, NOBODY)
+            path.chmod(0o700)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("SERVER_", "PLUGIN"))}
+        for plugins in (closed, behind):
+            for command in ("serve", "install"):
+                extra = ["--state-dir", str(root / "state"), "--port", "0"] if command == "serve" else []
+                out = subprocess.run(
+                    [*unprivileged(), CONSOLE_SCRIPT, command, "--plugins", str(plugins), *extra],
+                    cwd="/",
+                    env=environ,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert out.returncode != 0, (command, plugins, out.stderr)
+                lines = out.stderr.strip().splitlines()
+                assert lines == [f"plugin-daemon: cannot read plugins directory {plugins}: Permission denied"]
+                assert "listening" not in out.stdout
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 def test_an_empty_plugins_directory_is_a_warning_and_the_daemon_serves(tmp_path: Path) -> None:

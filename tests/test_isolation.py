@@ -10,19 +10,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from daemon.testing import REPO, Daemon, copy_plugin
 
 PROBE = "demo/probe"
+FASTPROTO = "demo/fastproto"
 PROBE_SHIM = '''"""Wait for probe.json, try to reach the daemon's secrets, report on stderr, then serve."""
 
 import json
@@ -116,31 +120,88 @@ def test_the_daemon_makes_itself_non_dumpable() -> None:
     assert out.stdout.split() == ["0", "False"]  # PR_GET_DUMPABLE: 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3.11").exists(), reason="needs root")
-def test_under_uid_isolation_a_plugin_reaches_no_secret_and_no_tenant_data(
-    start: Callable[..., Daemon],
-) -> None:
-    # Plugins must be readable by their own uid: a world-readable tree outside pytest's 0700 one,
-    # and a system interpreter (pyenv's lives under /root).
+SYSTEM_PYTHON = Path("/usr/bin/python3.11")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not SYSTEM_PYTHON.exists(), reason="needs root and /usr/bin/python3.11"
+)
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    """A directory every uid may search: pytest's own tree is 0700, out of plugins' reach."""
     root = Path(tempfile.mkdtemp(prefix="isolation-", dir="/tmp"))
     root.chmod(0o755)
-    try:
-        plugins = probe_plugins(root)
-        state = root / "state"
-        daemon = start(
-            plugins,
-            plugin_isolation="uid",
-            python_interpreter_path="/usr/bin/python3.11",
-            STATE_DIR=str(state),
-        )
-        report = run_probe(daemon, plugins, state)
-    finally:
-        subprocess.run(["rm", "-rf", str(root)], check=False)
-    assert report["uid"] >= 200_000
+    yield root
+    subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@needs_root
+def test_as_root_a_plugin_runs_under_its_own_uid_by_default_and_reaches_no_secret(
+    start: Callable[..., Daemon], open_root: Path
+) -> None:
+    plugins = probe_plugins(open_root)
+    # Parts of the plugin only root can read: the daemon gives them to the plugin's group.
+    (plugins / "probe").chmod(0o700)
+    (plugins / "probe" / "main.py").chmod(0o600)
+    state = open_root / "state"
+    daemon = start(plugins, python_interpreter_path=str(SYSTEM_PYTHON), STATE_DIR=str(state))
+    report = run_probe(daemon, plugins, state)
+    isolation = daemon.plugins()[PROBE]["isolation"]
+    assert isolation["mode"] == "uid" and isolation["reason"] is None
+    assert report["uid"] == isolation["uid"] >= 200_000
     assert report["environ"] == "PermissionError"
     assert report["key_file"] == "PermissionError"
     assert report["storage"] in ("PermissionError", "FileNotFoundError")
     assert report["metrics"] == "http 401"
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert "not under its own uid" not in daemon.log()
+
+
+def private_interpreter(root: Path) -> Path:
+    """A copy of the system Python in a directory only root may search."""
+    private = root / "private"
+    (private / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    python = private / "bin" / SYSTEM_PYTHON.name
+    shutil.copy2(SYSTEM_PYTHON, python)
+    (private / "lib").symlink_to("/usr/lib")  # its standard library, found beside it
+    return python
+
+
+@needs_root
+def test_a_plugin_its_uid_cannot_run_falls_back_with_a_warning_or_fails_when_uid_is_required(
+    start: Callable[..., Daemon], open_root: Path
+) -> None:
+    plugins = open_root / "plugins"
+    plugins.mkdir()
+    copy_plugin("fastproto", plugins)
+    python = private_interpreter(open_root)
+    daemon = start(plugins, python_interpreter_path=str(python), STATE_DIR=str(open_root / "state0"))
+    daemon.wait_ready(FASTPROTO)
+    isolation = daemon.plugins()[FASTPROTO]["isolation"]
+    assert isolation["mode"] == "none"
+    assert f"{python.parent.parent} is not searchable" in isolation["reason"]
+    (pid,) = daemon.instance_pids(FASTPROTO)
+    assert psutil.Process(pid).uids().real == 0
+    warnings = [line for line in daemon.log().splitlines() if "not under its own uid" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0] and str(python) in warnings[0]
+    assert daemon.invoke(FASTPROTO, "emit", {"count": 1})[-1].ok
+
+    strict = start(
+        plugins,
+        plugin_isolation="uid",
+        python_interpreter_path=str(python),
+        STATE_DIR=str(open_root / "state1"),
+    )
+    for _ in range(600):
+        described = strict.plugins()[FASTPROTO]
+        if described["status"] == "failed":
+            break
+        time.sleep(0.1)
+    assert described["status"] == "failed", described
+    assert "cannot run under its own uid" in described["error"]
+    assert f"{python.parent.parent} is not searchable" in described["error"]
+    assert described["instances"] == []
 
 
 def test_local_means_the_same_for_uvicorn_and_the_access_check(

@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,6 +174,38 @@ def test_backwards_calls_are_bounded_per_session(
     assert httpx.get(f"{daemon.url}/health/check", timeout=60).status_code == 200
     assert daemon.invoke(FP, "emit", {"count": 1, "storage_key": "k", "storage_value": "v"})[-1].ok
     assert daemon.plugins()[FP]["restarts"] == 0
+
+
+def test_backwards_calls_still_running_are_cancelled_when_their_session_ends(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Storage writes the daemon cannot finish (the database is locked) end with the client."""
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    calls = 8
+    locker = sqlite3.connect(tmp_path / "state0" / "storage.sqlite3", isolation_level=None)
+
+    def in_flight() -> int:
+        return sum(i["backwards_calls"] for i in daemon.plugins()[FP]["instances"])
+
+    def answered() -> int:  # a write that waited out SQLite's busy timeout is answered with an error
+        return daemon.log_path.read_text(errors="replace").count("backwards invocation failed")
+
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # every write waits for this lock, then fails
+        params = {"count": 1, "backwards_flood": calls, "flood_writes": True, "hang": True}
+        request = daemon.invocation(FP, "emit", params)
+        with httpx.Client(timeout=60) as client, client.stream("POST", daemon.invoke_url(), **request) as r:
+            chunks = r.iter_raw()
+            next(chunks)
+            wait_for(in_flight)
+        wait_for(lambda: in_flight() == 0)  # the client left: the session ended, its calls with it
+        # Not answered one by one: while the lock is held each write takes SQLite's busy timeout.
+        assert answered() < calls
+    finally:
+        locker.close()
+    assert daemon.plugins()[FP]["restarts"] == 0
+    assert daemon.invoke(FP, "emit", {"count": 1, "storage_key": "k", "storage_value": "v"})[-1].ok
 
 
 def test_a_slow_start_is_waited_for(start: Callable[..., Daemon], fastproto: Callable[..., Path]) -> None:

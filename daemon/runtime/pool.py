@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from daemon.runtime.backwards import BackwardsServices
 from daemon.runtime.connection import Connection, InstanceStartError, PluginUnavailable
 from daemon.runtime.process import ProcessTransport
 from daemon.runtime.tcp import RemoteDebugging, RemotePlugin, describe_providers
+from daemon.runtime.tenants import TenantPools
 from daemon.wire import Codec
 
 log = logging.getLogger("daemon.runtime")
@@ -46,15 +47,16 @@ def process_connection(
     codec: Codec,
     services: BackwardsServices,
     loop: asyncio.AbstractEventLoop,
+    drop_privileges: Sequence[str] = (),
 ) -> Connection:
-    """An instance that is a local child process."""
+    """An instance that is a local child process (``drop_privileges``: setpriv options)."""
     transport = ProcessTransport(
         spec,
         f"{spec.id}#{index}",
         python=python,
         max_line_bytes=settings.plugin_max_line_bytes,
         loop=loop,
-        drop_privileges=isolation.setpriv_args(spec.id, settings.plugin_isolation, settings.plugin_uid_base),
+        drop_privileges=drop_privileges,
         resources=InstanceResources(spec.id, index, spec.memory, settings),
     )
     return Connection(spec, index, transport, settings=settings, codec=codec, services=services, loop=loop)
@@ -82,6 +84,7 @@ class PluginPool:
         self.stderr: list[str] = []  # the last stderr lines of the last failed start
         self.restarts = 0
         self.install = InstallProgress()
+        self.isolation: isolation.Isolation | None = None  # decided once installed
         self.start_failures = 0  # in a row, over every slot
         self.instances: list[Connection | None] = [None] * settings.plugin_instances
         self._changed = asyncio.Condition()
@@ -97,11 +100,24 @@ class PluginPool:
         while True:
             try:
                 python = await ensure_venv(self.spec, self._settings.python_interpreter_path, self.install)
+                self.isolation = await asyncio.to_thread(
+                    isolation.decide,
+                    self.spec.id,
+                    self.spec.path,
+                    self.spec.entrypoint,
+                    python,
+                    self._settings.plugin_isolation,
+                    self._settings.plugin_uid_base,
+                )
                 break
             except Exception as exc:
                 failures += 1
-                message = str(exc) if isinstance(exc, InstallError) else f"install failed: {exc!r}"
-                log.error("plugin %s cannot be installed: %s", self.spec.id, message)
+                known = (InstallError, isolation.IsolationError)
+                message = str(exc) if isinstance(exc, known) else f"install failed: {exc!r}"
+                if isinstance(exc, isolation.IsolationError):
+                    log.error("%s", message)
+                else:
+                    log.error("plugin %s cannot be installed: %s", self.spec.id, message)
                 await self._set_status("failed", message)
                 delay = self._delay(failures)
                 log.warning("plugin %s: retrying the install in %.2f s", self.spec.id, delay)
@@ -125,6 +141,7 @@ class PluginPool:
                     codec=self._codec,
                     services=self._services,
                     loop=loop,
+                    drop_privileges=self.isolation.setpriv_args() if self.isolation else (),
                 )
                 self.instances[slot] = instance
                 await instance.start()
@@ -192,6 +209,11 @@ class PluginPool:
                 self.stderr = []
             self._changed.notify_all()
 
+    async def installed(self) -> None:
+        """Return once the plugin is installed (its venv made and its isolation decided)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.isolation is not None)
+
     def ready_instances(self) -> list[Connection]:
         return [i for i in self.instances if i is not None and i.ready]
 
@@ -231,6 +253,7 @@ class PluginPool:
             "stderr": self.stderr if self.status == "failed" else [],
             "restarts": self.restarts,
             "install": self.install.describe(),
+            "isolation": self.isolation.describe() if self.isolation is not None else None,
             "memory_limit": limit_for(self.spec.id, self.spec.memory, self._settings).describe(),
             "instances": [
                 {
@@ -238,6 +261,7 @@ class PluginPool:
                     "pid": i.pid,
                     "state": i.state.value,
                     "sessions": len(i.sessions),
+                    "backwards_calls": i.backwards.active,
                     **(i.resources.describe() if i.resources is not None else {}),
                 }
                 for i in self.instances
@@ -267,6 +291,7 @@ class Runtime:
                 continue
             self.pools[spec.id] = PluginPool(spec, settings=settings, codec=codec, services=services)
         self._tasks: list[asyncio.Task[None]] = []
+        self.tenants = TenantPools(settings=settings, codec=codec, services=services)
         self.remote = (
             RemoteDebugging(settings=settings, codec=codec, services=services)
             if settings.plugin_remote_installing_enabled
@@ -276,11 +301,19 @@ class Runtime:
     def pool_for(self, plugin_id: str, tenant_id: str) -> PluginPool | RemotePlugin | None:
         """What serves ``plugin_id`` to ``tenant_id``: its remote-debug connection first."""
         remote = self.remote.for_tenant(tenant_id).get(plugin_id) if self.remote is not None else None
-        return remote or self.pools.get(plugin_id)
+        if remote is not None:
+            return remote
+        pool = self.pools.get(plugin_id)
+        if pool is not None and self.tenants.applies(plugin_id):
+            return self.tenants.pool(pool, tenant_id)  # type: ignore[return-value]
+        return pool
 
     def describe(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         """Every local plugin, and the remote ones of ``tenant_id`` (of every tenant if None)."""
         described = [pool.describe() for pool in self.pools.values()]
+        for entry in described:
+            if self.tenants.applies(entry["plugin_id"]):
+                entry["tenant_pools"] = self.tenants.describe(entry["plugin_id"])
         if self.remote is not None:
             tenants = [tenant_id] if tenant_id is not None else list(self.remote.plugins)
             for tenant in tenants:
@@ -304,10 +337,12 @@ class Runtime:
             asyncio.create_task(pool.run(), name=f"pool {plugin_id}")
             for plugin_id, pool in self.pools.items()
         ]
+        self.tenants.start()
 
     async def stop(self) -> None:
         if self.remote is not None:
             await self.remote.stop()
+        await self.tenants.stop()
         for pool in self.pools.values():
             pool.stop()
         for task in self._tasks:

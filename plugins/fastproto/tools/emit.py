@@ -93,8 +93,11 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
     resource_faults(params)
 
     flood = as_int(params.get("backwards_flood"), 0)
-    for _ in range(flood):  # storage calls sent without waiting for their answers
-        request = {"opt": "get", "key": "flood"}
+    # storage calls sent without waiting for their answers: reads, or writes if flood_writes
+    request = {"opt": "get", "key": "flood"}
+    if as_bool(params.get("flood_writes"), False):
+        request = {"opt": "set", "key": "flood", "value": "00"}
+    for _ in range(flood):
         invoke = {"type": "storage", "backwards_request_id": os.urandom(8).hex(), "request": request}
         session.out.session(session.session_id, "invoke", invoke)
 
