@@ -9,12 +9,12 @@ invocation metrics are recorded here, once per session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from typing import Any
 
-import anyio
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
@@ -126,31 +126,37 @@ class Invocation:
         clock = time.perf_counter
         try:
             await self.instance.open_session(session, self.request)
-            with anyio.move_on_after(self.timeout) as deadline:
-                try:
-                    async for batch in session.batches():
-                        encode_started = clock()
-                        body = b"".join([wire.sse_success(codec, message) for message in batch])
-                        self.encode_seconds += clock() - encode_started
-                        self.messages_out += len(batch)
-                        self.bytes_out += len(body)
-                        if self.first_event_at is None:
-                            self.first_event_at = clock()
-                        await send_body(body)
-                    self.outcome = "success"
-                except SessionError as error:
-                    if self.outcome != CLIENT_GONE:
-                        self.outcome = error.error_type
-                        self.error = f"{error.error_type}: {error.message}"
-                    await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
-            if deadline.cancelled_caught:
+            # asyncio's own deadline (a timer handle), not a cancel scope: paid once per invocation.
+            deadline = asyncio.timeout(self.timeout)
+            try:
+                async with deadline:
+                    try:
+                        async for batch in session.batches():
+                            encode_started = clock()
+                            body = b"".join([wire.sse_success(codec, message) for message in batch])
+                            self.encode_seconds += clock() - encode_started
+                            self.messages_out += len(batch)
+                            self.bytes_out += len(body)
+                            if self.first_event_at is None:
+                                self.first_event_at = clock()
+                            await send_body(body)
+                        self.outcome = "success"
+                    except SessionError as error:
+                        if self.outcome != CLIENT_GONE:
+                            self.outcome = error.error_type
+                            self.error = f"{error.error_type}: {error.message}"
+                        await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
                 self.outcome = TIMEOUT
                 # Upstream's words ("killed by timeout") first, as its final event says them.
                 message = f"killed by timeout: the plugin did not finish within {self.timeout:g} s"
                 self.error = f"{TIMEOUT}: {message}"
                 session.close(SessionError(TIMEOUT, message))
-                with anyio.move_on_after(FINAL_EVENT_GRACE):
-                    await send_body(wire.sse_daemon_error(codec, message))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FINAL_EVENT_GRACE):
+                        await send_body(wire.sse_daemon_error(codec, message))
         finally:
             log.debug("session %s on %s ended: %s", session.id, self.instance.name, self.outcome)
             self.instance.release(session)
