@@ -48,15 +48,20 @@ class DaemonApp(Starlette):
                     scope["app"] = self
                     scope["endpoint"] = endpoint
                     scope["path_params"] = {"tenant_id": parts[2]}
-                    await self._lean(scope, receive, send)
+                    await self._guarded(self._lean, scope, receive, send)
                     return
         await super().__call__(scope, receive, send)
 
-    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint: Endpoint = scope["endpoint"]
+    @staticmethod
+    async def _dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await scope["endpoint"](Request(scope, receive))
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _guarded(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Outside the middleware, as Starlette's error middleware is."""
         try:
-            response = await endpoint(Request(scope, receive))
-            await response(scope, receive, send)
+            await app(scope, receive, send)
         except Exception:
             # What Starlette's error middleware does: log, and answer 500 unless already answering.
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
