@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-import uuid
 from typing import Any
 
 from opentelemetry import trace
@@ -34,6 +34,7 @@ _tracer = spans.Tracer(__name__)
 _ENCODE_SECONDS = metrics.serialization_seconds.labels("encode")
 
 FINAL_EVENT_GRACE = 5.0
+_random_bits = random.Random().getrandbits  # seeded from os.urandom once
 
 
 class Invocation:
@@ -215,7 +216,9 @@ def new_session(
 ) -> Session:
     variables = new_variables(settings.validator, tool.output_schema if tool is not None else None)
     return Session(
-        uuid.uuid4().hex,
+        # 128 random bits as uuid4().hex spells them, without its os.urandom system call per session:
+        # a session id names a session to its plugin, it is not a secret.
+        f"{_random_bits(128):032x}",
         asyncio.get_running_loop(),
         buffer_bytes=settings.session_buffer_bytes,
         variables=variables,
