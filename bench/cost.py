@@ -4,6 +4,7 @@
     python -m bench.cost --set tracing --baseline 'tracing on @b7c1dfc'
     python -m bench.cost --events 1 21 200 --repeats 5 --duration 3
     python -m bench.cost --set tracing --rate 300     # all at once, 300 invocations/s each
+    python -m bench.cost --set steps --steps abc123 def456   # the daemon now and at earlier commits
 
 The server's CPU is read from ``/proc`` (user + system, all its threads, not its
 plugin child) around each trial; µs per invocation divides it by the invocations
@@ -41,7 +42,10 @@ def workload(events: int, concurrency: int) -> Workload:
     return Workload(size=16, count=events - 1 - variables, variables=variables, concurrency=concurrency)
 
 
-def variant_set(name: str, revision: str | None) -> list[Variant]:
+def variant_set(name: str, revision: str | None, steps: list[str] | None = None) -> list[Variant]:
+    if name == "steps":  # the daemon now and at each of ``steps`` (tracing off), and the fast relay
+        earlier = [source_variant(f"daemon @{step}", step) for step in steps or []]
+        return [RELAY_FAST, daemon_variant("daemon"), *earlier]
     variants = {
         "relay": [
             RELAY_FAST,
@@ -164,8 +168,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--set", choices=["relay", "tracing", "tracing-aa"], default="relay")
+    parser.add_argument("--set", choices=["relay", "tracing", "tracing-aa", "steps"], default="relay")
     parser.add_argument("--revision", help="also run the daemon at this git commit (tracing off and on)")
+    parser.add_argument("--steps", nargs="*", help="with --set steps: git commits to compare with")
     parser.add_argument("--baseline", help="the variant ratios are taken to (default: the first)")
     parser.add_argument("--events", type=int, nargs="*", default=[1, 21, 200])
     parser.add_argument("--repeats", type=int, default=3)
@@ -178,7 +183,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every trial here")
     args = parser.parse_args()
     prepare_environment()
-    variants = variant_set(args.set, args.revision)
+    variants = variant_set(args.set, args.revision, args.steps)
     trials = run(
         variants,
         args.events,

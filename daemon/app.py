@@ -18,10 +18,12 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from daemon import __version__, access, dispatch, management, metrics, profiling, tracepage
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
+from daemon.entry import DaemonApp
 from daemon.invocation import Invocation, new_session
 from daemon.limits import BodyLimit, Budget
 from daemon.manifest import ManifestError, discover
@@ -287,8 +289,9 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         finally:
             await daemon.stop()
 
+    dispatch_routes = [Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS]
     routes = [
-        *(Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS),
+        *dispatch_routes,
         Route("/plugin/{tenant_id}/management/installation/ids", management.installed_ids, methods=["GET"]),
         Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
         Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
@@ -304,11 +307,21 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         templates = {route.endpoint: route.path for route in routes}
         untraced = [p.strip() for p in settings.trace_untraced_paths.split(",") if p.strip()]
         middleware.append(Middleware(TracingMiddleware, routes=templates, untraced=untraced))
-    app = Starlette(
+    app = DaemonApp(
         routes=routes,
         middleware=middleware,
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
+    app.lean_routes(
+        {route.path: route.endpoint for route in dispatch_routes}, lambda inner: _wrap(inner, middleware)
+    )
     app.state.daemon = daemon
+    return app
+
+
+def _wrap(app: ASGIApp, middleware: list[Middleware]) -> ASGIApp:
+    """``app`` inside ``middleware`` (outermost first), as Starlette stacks them."""
+    for layer in reversed(middleware):
+        app = layer.cls(app, *layer.args, **layer.kwargs)
     return app

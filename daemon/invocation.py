@@ -9,12 +9,12 @@ invocation metrics are recorded here, once per session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
-import uuid
 from typing import Any
 
-import anyio
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
@@ -34,6 +34,7 @@ _tracer = spans.Tracer(__name__)
 _ENCODE_SECONDS = metrics.serialization_seconds.labels("encode")
 
 FINAL_EVENT_GRACE = 5.0
+_random_bits = random.Random().getrandbits  # seeded from os.urandom once
 
 
 class Invocation:
@@ -126,31 +127,37 @@ class Invocation:
         clock = time.perf_counter
         try:
             await self.instance.open_session(session, self.request)
-            with anyio.move_on_after(self.timeout) as deadline:
-                try:
-                    async for batch in session.batches():
-                        encode_started = clock()
-                        body = b"".join([wire.sse_success(codec, message) for message in batch])
-                        self.encode_seconds += clock() - encode_started
-                        self.messages_out += len(batch)
-                        self.bytes_out += len(body)
-                        if self.first_event_at is None:
-                            self.first_event_at = clock()
-                        await send_body(body)
-                    self.outcome = "success"
-                except SessionError as error:
-                    if self.outcome != CLIENT_GONE:
-                        self.outcome = error.error_type
-                        self.error = f"{error.error_type}: {error.message}"
-                    await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
-            if deadline.cancelled_caught:
+            # asyncio's own deadline (a timer handle), not a cancel scope: paid once per invocation.
+            deadline = asyncio.timeout(self.timeout)
+            try:
+                async with deadline:
+                    try:
+                        async for batch in session.batches():
+                            encode_started = clock()
+                            body = b"".join([wire.sse_success(codec, message) for message in batch])
+                            self.encode_seconds += clock() - encode_started
+                            self.messages_out += len(batch)
+                            self.bytes_out += len(body)
+                            if self.first_event_at is None:
+                                self.first_event_at = clock()
+                            await send_body(body)
+                        self.outcome = "success"
+                    except SessionError as error:
+                        if self.outcome != CLIENT_GONE:
+                            self.outcome = error.error_type
+                            self.error = f"{error.error_type}: {error.message}"
+                        await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
                 self.outcome = TIMEOUT
                 # Upstream's words ("killed by timeout") first, as its final event says them.
                 message = f"killed by timeout: the plugin did not finish within {self.timeout:g} s"
                 self.error = f"{TIMEOUT}: {message}"
                 session.close(SessionError(TIMEOUT, message))
-                with anyio.move_on_after(FINAL_EVENT_GRACE):
-                    await send_body(wire.sse_daemon_error(codec, message))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FINAL_EVENT_GRACE):
+                        await send_body(wire.sse_daemon_error(codec, message))
         finally:
             log.debug("session %s on %s ended: %s", session.id, self.instance.name, self.outcome)
             self.instance.release(session)
@@ -209,7 +216,9 @@ def new_session(
 ) -> Session:
     variables = new_variables(settings.validator, tool.output_schema if tool is not None else None)
     return Session(
-        uuid.uuid4().hex,
+        # 128 random bits as uuid4().hex spells them, without its os.urandom system call per session:
+        # a session id names a session to its plugin, it is not a secret.
+        f"{_random_bits(128):032x}",
         asyncio.get_running_loop(),
         buffer_bytes=settings.session_buffer_bytes,
         variables=variables,

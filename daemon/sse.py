@@ -8,11 +8,11 @@ disconnect ends the session at once instead of at the next write.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-import anyio
 from starlette.types import Message, Receive, Scope, Send
 
 HEADERS = [
@@ -49,9 +49,26 @@ class EventStreamResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        # Plain asyncio, not a task group: one watcher task and one timer per response are a
+        # fraction of a task group's cost, which is paid once per invocation. Either ends the
+        # response by cancelling this task, which then takes that cancellation back.
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         gone = False
+        ended = False
+        stopping = False  # this response cancelled its own task
         pending_since: float | None = None  # when the send in progress began
         clock = time.monotonic
+
+        def stop(callback: Callable[[], None]) -> None:
+            nonlocal gone, stopping
+            if gone or ended:
+                return
+            gone = True
+            callback()
+            stopping = True
+            task.cancel()
 
         async def send_body(body: bytes) -> None:
             nonlocal pending_since
@@ -64,41 +81,44 @@ class EventStreamResponse:
                 raise ClientGone from None
             pending_since = None
 
-        async with anyio.create_task_group() as tasks:
+        async def watch_disconnect() -> None:
+            while True:
+                message: Message = await receive()
+                if message["type"] == "http.disconnect":
+                    stop(self._on_disconnect)
+                    return
 
-            async def watch_disconnect() -> None:
-                nonlocal gone
-                while True:
-                    message: Message = await receive()
-                    if message["type"] == "http.disconnect":
-                        gone = True
-                        self._on_disconnect()
-                        tasks.cancel_scope.cancel()
-                        return
+        timer: asyncio.TimerHandle | None = None
 
-            async def watch_stall(limit: float) -> None:
-                # One timer per response instead of a deadline around every send.
-                nonlocal gone
-                while True:
-                    started = pending_since
-                    waited = 0.0 if started is None else clock() - started
-                    if waited >= limit:
-                        gone = True
-                        self._on_stall()
-                        tasks.cancel_scope.cancel()
-                        return
-                    await anyio.sleep(limit - waited if started is not None else limit / 4)
+        def check_stall(limit: float) -> None:
+            # One timer per response instead of a deadline around every send.
+            nonlocal timer
+            started = pending_since
+            waited = 0.0 if started is None else clock() - started
+            if waited >= limit:
+                stop(self._on_stall)
+                return
+            timer = loop.call_later(limit - waited if started is not None else limit / 4, check_stall, limit)
 
-            tasks.start_soon(watch_disconnect)
-            if self._write_timeout is not None:
-                tasks.start_soon(watch_stall, self._write_timeout)
+        watcher = loop.create_task(watch_disconnect())
+        if self._write_timeout is not None:
+            timer = loop.call_later(self._write_timeout / 4, check_stall, self._write_timeout)
+        try:
             try:
                 await self._produce(send_body)
             except ClientGone:
                 if not gone:
                     gone = True
                     self._on_disconnect()
-            tasks.cancel_scope.cancel()
+        except asyncio.CancelledError:
+            # Ours unless someone else (server shutdown) cancelled this task as well.
+            if not stopping or task.uncancel() > 0:
+                raise
+        finally:
+            ended = True
+            watcher.cancel()
+            if timer is not None:
+                timer.cancel()
         if not gone:
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

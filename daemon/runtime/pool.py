@@ -220,6 +220,11 @@ class PluginPool:
     async def acquire(self, timeout: float) -> Connection:
         """The least busy ready instance, waiting up to ``timeout`` for one (not when failed)."""
 
+        ready = self.ready_instances()
+        if ready and not self._stopping:
+            # The common case: no lock, no waiter, no timer.
+            return self._reserve(ready)
+
         def available() -> bool:
             return bool(self.ready_instances()) or self.status == "failed" or self._stopping
 
@@ -234,7 +239,11 @@ class PluginPool:
         ready = self.ready_instances()
         if not ready:
             raise PluginUnavailable(f"plugin {self.spec.id} is unavailable: {self.error or self.status}")
-        chosen = min(ready, key=lambda instance: instance.load)
+        return self._reserve(ready)
+
+    @staticmethod
+    def _reserve(ready: list[Connection]) -> Connection:
+        chosen = min(ready, key=lambda instance: instance.load) if len(ready) > 1 else ready[0]
         chosen.reserved += 1  # counted until its session is registered
         return chosen
 
