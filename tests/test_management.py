@@ -231,12 +231,28 @@ def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
     }
     python = PLUGINS / "notes" / ".venv" / "bin" / "python"
     plugin = subprocess.Popen([str(python), "-m", "main"], cwd=copy, env=env, stdout=subprocess.DEVNULL)
+    # A model provider too, under the id of a local plugin: for tenant-a the remote one replaces it.
+    models_python = PLUGINS / "echo_models" / ".venv" / "bin" / "python"
+    models = subprocess.Popen(
+        [str(models_python), "-m", "main"], cwd=PLUGINS / "echo_models", env=env, stdout=subprocess.DEVNULL
+    )
+
+    def runtime_types(tenant: str) -> dict[str, str]:
+        return {p.plugin_id: p.runtime_type for p in plugin_list(daemon, client, tenant).list}
+
     try:
-        wait_for(lambda: REMOTE in {p.plugin_id for p in plugin_list(daemon, client, "tenant-a").list})
+        wait_for(
+            lambda: runtime_types("tenant-a").get(REMOTE) and runtime_types("tenant-a")[MODELS] == "remote"
+        )
         listed = {p.plugin_id: p for p in plugin_list(daemon, client, "tenant-a").list}
         remote = listed[REMOTE]
         assert remote.runtime_type == "remote" and remote.source == "remote"
-        assert REMOTE not in {p.plugin_id for p in plugin_list(daemon, client, "tenant-b").list}
+        assert list(runtime_types("tenant-a")).count(MODELS) == 1
+        assert REMOTE not in runtime_types("tenant-b") and runtime_types("tenant-b")[MODELS] == "local"
+        data = get(daemon, client, "tenant-a", "models", page=1, page_size=256)
+        providers_a = TypeAdapter(list[dify_entities.PluginModelProviderEntity]).validate_python(data)
+        assert [p.plugin_id for p in providers_a] == [MODELS]
+        assert [m.model for m in providers_a[0].declaration.models] == ["echo-llm", "echo-embed"]
 
         providers = {p.plugin_id: p for p in tool_providers(daemon, client, "tenant-a")}
         assert {t.identity.name for t in providers[REMOTE].declaration.tools} == yaml_names("notes", "tools")
@@ -255,7 +271,8 @@ def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
         assert served.status_code == 200 and served.content == icon
         assert client.get(url.format("tenant-b"), headers={"X-Api-Key": daemon.key}).status_code == 404
     finally:
-        plugin.kill()
-        plugin.wait()
-    wait_for(lambda: REMOTE not in {p.plugin_id for p in plugin_list(daemon, client, "tenant-a").list})
+        for process in (plugin, models):
+            process.kill()
+            process.wait()
+    wait_for(lambda: REMOTE not in runtime_types("tenant-a") and runtime_types("tenant-a")[MODELS] == "local")
     assert REMOTE not in get(daemon, client, "tenant-a", "installation/ids", category="tool")["plugin_ids"]

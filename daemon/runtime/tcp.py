@@ -136,7 +136,12 @@ class SocketTransport:
 
 
 def spec_from_declaration(
-    manifest: Mapping[str, Any], tool_providers: list[Any], settings: Settings, where: str
+    manifest: Mapping[str, Any],
+    tool_providers: list[Any],
+    settings: Settings,
+    where: str,
+    *,
+    other_providers: bool = False,
 ) -> PluginSpec:
     """The plugin as its SDK declared it: what a local plugin's YAML files would say."""
     path = Path(where)
@@ -166,8 +171,8 @@ def spec_from_declaration(
             parameters = tuple(p for p in tool.get("parameters") or [] if isinstance(p, Mapping))
             tools[tool_name] = ToolSpec(tool_name, parameters, compiled)
         providers[name] = ProviderSpec(name, tools)
-    if not providers:
-        raise ManifestError(f"{where}: declares no tool providers")
+    if not providers and not other_providers:
+        raise ManifestError(f"{where}: declares no tool, model or agent-strategy providers")
     runner = (manifest.get("meta") or {}).get("runner") or {}
     return PluginSpec(
         path=path,
@@ -390,7 +395,10 @@ class RemoteDebugging:
             elif kind == "end":
                 if manifest is None:
                     raise RegistrationError("no manifest declaration before end")
-                spec = spec_from_declaration(manifest, tools, self._settings, f"remote plugin from {peer}")
+                where = f"remote plugin from {peer}"
+                spec = spec_from_declaration(
+                    manifest, tools, self._settings, where, other_providers=any(declared.values())
+                )
                 declared.update(manifest=manifest, tools=tools)
                 return tenant, spec, {name: bytes(data) for name, data in assets.items()}, early, declared
             elif kind == "model_declaration" and isinstance(data, list):
