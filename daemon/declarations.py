@@ -144,7 +144,10 @@ class Reader:
         return _load_yaml(self.root / str(relative), self.root)
 
     def glob(self, pattern: str) -> list[Mapping[str, Any]]:
-        found = sorted(p for p in self.root.glob(pattern) if p.is_file())
+        try:
+            found = sorted(p for p in self.root.glob(pattern) if p.is_file())
+        except (NotImplementedError, ValueError, OSError) as exc:  # an absolute or malformed pattern
+            raise ManifestError(f"model files {pattern!r}: {exc}") from None
         return [_load_yaml(p, self.root) for p in found if not p.name.endswith("_position.yaml")]
 
     def strings(self, relative: str) -> list[str]:
@@ -164,18 +167,36 @@ def _inline(items: Any, reader: Reader | None) -> list[Mapping[str, Any]]:
     return out
 
 
-def tool_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon) -> Json:
+def _provider_identity(provider: Mapping[str, Any], icon: Icon) -> Json:
+    """A tool or agent-strategy provider's identity (``ToolProviderIdentity`` upstream)."""
     identity = _map(provider.get("identity"))
+    return {
+        "author": identity.get("author"),
+        "name": identity.get("name"),
+        "description": i18n(identity.get("description")),
+        "icon": icon(str(identity.get("icon") or "")),
+        "icon_dark": icon(str(identity.get("icon_dark") or "")),
+        "label": i18n(identity.get("label")),
+        "tags": _list(identity.get("tags")),
+    }
+
+
+def _item_identity(item: Mapping[str, Any]) -> Json:
+    """A tool's or a strategy's identity (``ToolIdentity`` upstream)."""
+    identity = _map(item.get("identity"))
+    return {
+        "author": identity.get("author"),
+        "name": identity.get("name"),
+        "label": i18n(identity.get("label")),
+    }
+
+
+def tool_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon) -> Json:
     tools = []
     for tool in _inline(provider.get("tools"), reader):
-        tool_identity = _map(tool.get("identity"))
         description = _map(tool.get("description"))
         entry: Json = {
-            "identity": {
-                "author": tool_identity.get("author"),
-                "name": tool_identity.get("name"),
-                "label": i18n(tool_identity.get("label")),
-            },
+            "identity": _item_identity(tool),
             "description": {
                 "human": i18n(description.get("human")),
                 "llm": str(description.get("llm") or ""),
@@ -187,15 +208,7 @@ def tool_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon
             entry["output_schema"] = tool["output_schema"]
         tools.append(entry)
     return {
-        "identity": {
-            "author": identity.get("author"),
-            "name": identity.get("name"),
-            "description": i18n(identity.get("description")),
-            "icon": icon(str(identity.get("icon") or "")),
-            "icon_dark": icon(str(identity.get("icon_dark") or "")),
-            "label": i18n(identity.get("label")),
-            "tags": _list(identity.get("tags")),
-        },
+        "identity": _provider_identity(provider, icon),
         "credentials_schema": _credentials(provider),
         "oauth_schema": provider.get("oauth_schema"),
         "tools": tools,
@@ -321,17 +334,11 @@ def model_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Ico
 
 
 def agent_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon) -> Json:
-    identity = _map(provider.get("identity"))
     strategies = []
     for strategy in _inline(provider.get("strategies"), reader):
-        strategy_identity = _map(strategy.get("identity"))
         strategies.append(
             {
-                "identity": {
-                    "author": strategy_identity.get("author"),
-                    "name": strategy_identity.get("name"),
-                    "label": i18n(strategy_identity.get("label")),
-                },
+                "identity": _item_identity(strategy),
                 "description": i18n(strategy.get("description")),
                 "parameters": [_parameter(_map(p), tool=False) for p in _list(strategy.get("parameters"))],
                 "output_schema": strategy.get("output_schema"),
@@ -339,15 +346,7 @@ def agent_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Ico
             }
         )
     return {
-        "identity": {
-            "author": identity.get("author"),
-            "name": identity.get("name"),
-            "description": i18n(identity.get("description")),
-            "icon": icon(str(identity.get("icon") or "")),
-            "icon_dark": icon(str(identity.get("icon_dark") or "")),
-            "label": i18n(identity.get("label")),
-            "tags": _list(identity.get("tags")),
-        },
+        "identity": _provider_identity(provider, icon),
         "strategies": strategies,
     }
 

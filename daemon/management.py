@@ -35,23 +35,40 @@ _IDS = uuid.UUID("5b0c1d52-6a53-4c1e-9f43-2f4bd0f1e6a7")  # namespace of the ins
 
 
 @dataclass(frozen=True)
+class Declared:
+    """A plugin's declaration, worked out once: its checksum, and since when it is installed."""
+
+    declaration: Mapping[str, Any]
+    checksum: str
+    installed_at: float
+
+    @classmethod
+    def of(cls, declaration: Mapping[str, Any], installed_at: float) -> Declared:
+        return cls(declaration, declarations.checksum(declaration), installed_at)
+
+
+@dataclass(frozen=True)
 class Installed:
     """One plugin as a tenant has it: what upstream keeps in its installation tables."""
 
     tenant_id: str
     plugin_id: str
-    declaration: Mapping[str, Any]
+    declared: Declared
     runtime_type: str  # "local" or "remote", upstream's names
-    installed_at: float
+
+    @property
+    def declaration(self) -> Mapping[str, Any]:
+        return self.declared.declaration
 
     @property
     def unique_identifier(self) -> str:
-        d = self.declaration
-        return f"{self.plugin_id}:{d['version']}@{declarations.checksum(d)}"
+        return f"{self.plugin_id}:{self.declaration['version']}@{self.declared.checksum}"
 
     def record(self, kind: str, provider: str = "") -> dict[str, Any]:
         """The columns of an upstream installation row (``models.Model`` plus tenant and plugin)."""
-        when = dt.datetime.fromtimestamp(self.installed_at, dt.UTC).isoformat().replace("+00:00", "Z")
+        when = (
+            dt.datetime.fromtimestamp(self.declared.installed_at, dt.UTC).isoformat().replace("+00:00", "Z")
+        )
         key = f"{self.tenant_id}/{self.plugin_id}/{kind}/{provider}"
         return {
             "id": str(uuid.uuid5(_IDS, key)),
@@ -77,19 +94,21 @@ def assets(plugin_dir: Path) -> Mapping[str, Path]:
 
 
 @cache
-def local_declaration(plugin_dir: Path) -> Mapping[str, Any] | None:
+def local_declaration(plugin_dir: Path) -> Declared | None:
     """A plugin directory's declaration (read once), or None if it cannot be read."""
     names = {
         path.relative_to(plugin_dir / "_assets").as_posix(): id_ for id_, path in assets(plugin_dir).items()
     }
     try:
-        return declarations.local(plugin_dir, names)
-    except ManifestError as exc:
+        return Declared.of(
+            declarations.local(plugin_dir, names), (plugin_dir / "manifest.yaml").stat().st_mtime
+        )
+    except (ManifestError, OSError) as exc:
         log.error("plugin %s is left out of the management routes: %s", plugin_dir.name, exc)
         return None
 
 
-def remote_declaration(plugin: Any) -> Mapping[str, Any] | None:
+def remote_declaration(plugin: Any) -> Declared | None:
     """A remote-debug plugin's declaration, built once from what its SDK sent."""
     cached = getattr(plugin, "_declaration", None)
     if cached is None:
@@ -97,14 +116,18 @@ def remote_declaration(plugin: Any) -> Mapping[str, Any] | None:
         if not sent.get("manifest"):
             return None
         names = {name: declarations.asset_id(name, data) for name, data in plugin.assets.items()}
-        cached = declarations.plugin_declaration(
-            sent["manifest"],
-            lambda name: names.get(name, name),
-            tools=sent.get("tools"),
-            models=sent.get("models"),
-            agent_strategies=sent.get("agent_strategies"),
-        )
-        plugin._declaration = cached
+        try:
+            declaration = declarations.plugin_declaration(
+                sent["manifest"],
+                lambda name: names.get(name, name),
+                tools=sent.get("tools"),
+                models=sent.get("models"),
+                agent_strategies=sent.get("agent_strategies"),
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.error("remote plugin %s is left out of the management routes: %s", plugin.spec.id, exc)
+            return None
+        cached = plugin._declaration = Declared.of(declaration, plugin.connected_at)
     return cached
 
 
@@ -123,14 +146,13 @@ def installed(runtime: Any, tenant: str) -> Iterator[Installed]:
     for plugin_id in sorted(runtime.pools):
         if plugin_id in remote:
             continue  # the tenant's remote-debug connection serves it (``Runtime.pool_for``)
-        path = runtime.pools[plugin_id].spec.path
-        declaration = local_declaration(path)
-        if declaration is not None:
-            yield Installed(tenant, plugin_id, declaration, "local", (path / "manifest.yaml").stat().st_mtime)
+        declared = local_declaration(runtime.pools[plugin_id].spec.path)
+        if declared is not None:
+            yield Installed(tenant, plugin_id, declared, "local")
     for plugin_id, plugin in sorted(remote.items()):
-        declaration = remote_declaration(plugin)
-        if declaration is not None:
-            yield Installed(tenant, plugin_id, declaration, "remote", plugin.connected_at)
+        declared = remote_declaration(plugin)
+        if declared is not None:
+            yield Installed(tenant, plugin_id, declared, "remote")
 
 
 def success(data: Any) -> JSONResponse:
@@ -202,7 +224,7 @@ def list_plugins(request: Request, runtime: Any, tenant: str) -> Any:
                 "runtime_type": plugin.runtime_type,
                 "version": declaration["version"],
                 "source": "remote" if plugin.runtime_type == "remote" else "package",
-                "checksum": declarations.checksum(declaration),
+                "checksum": plugin.declared.checksum,
                 "meta": {},
             }
         )
