@@ -141,12 +141,10 @@ def test_agent_strategy_providers_parse_as_dify_reads_them(daemon: Daemon, clien
     assert [p.name for p in echo.declaration.strategies[0].parameters] == ["query"]
     assert echo.meta.version == "0.0.1"
     one = get(daemon, client, "t1", "agent_strategy", plugin_id=AGENT, provider="echo_agent")
-    assert one["declaration"] == data[0]["declaration"] | {
-        "strategies": [
-            {**s, "identity": {k: v for k, v in s["identity"].items() if k != "provider"}}
-            for s in data[0]["declaration"]["strategies"]
-        ]
-    }
+    for strategy in one["declaration"]["strategies"]:  # ``fetch_agent_strategy_provider``'s transformer
+        strategy["identity"]["provider"] = "echo_agent"
+    single = dify_entities.PluginAgentProviderEntity.model_validate(one)
+    assert single.model_dump() == echo.model_dump()
     with pytest.raises(dify.PluginNotFoundError):
         get(daemon, client, "t1", "agent_strategy", plugin_id=AGENT, provider="nope")
 
