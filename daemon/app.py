@@ -292,7 +292,10 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
     dispatch_routes = [Route(kind.path, dispatch_endpoint(kind), methods=["POST"]) for kind in KINDS]
     routes = [
         *dispatch_routes,
-        Route("/plugin/{tenant_id}/management/installation/ids", management.installed_ids, methods=["GET"]),
+        *(
+            Route(f"/plugin/{{tenant_id}}/management/{path}", endpoint, methods=["GET"])
+            for path, endpoint in management.ROUTES
+        ),
         Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
         Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
         Route("/health/check", health, methods=["GET"]),

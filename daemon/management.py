@@ -1,72 +1,83 @@
 """Read-only management routes Dify's API server uses to learn what a tenant has installed.
 
 Every plugin in the plugins directory counts as installed for every tenant: the daemon does
-not install per tenant. Served so far: ``management/installation/ids`` (upstream's
-``ListInstalledPluginIDs``) and ``asset/{id}`` (a file of a plugin's ``_assets``, by upstream's
-id); the other management routes answer 404 until they are served.
+not install per tenant. A remote-debug plugin counts for its key's tenant only, while it is
+connected. Served: ``management/list``, ``tools``, ``tool``, ``models``, ``agent_strategies``,
+``agent_strategy`` and ``installation/ids`` with upstream's parameters and shapes
+(``internal/service/manage_plugin.go`` in langgenius/dify-plugin-daemon), and ``asset/{id}``.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from daemon import declarations
 from daemon.dispatch import BadRequest, check_key, tenant_id
+from daemon.manifest import ManifestError
 
-# Upstream's plugin categories and the manifest key (under ``plugins``) that puts a plugin in each.
-CATEGORIES: Mapping[str, str] = {
-    "tool": "tools",
-    "model": "models",
-    "agent-strategy": "agent_strategies",
-    "datasource": "datasources",
-    "trigger": "triggers",
-}
-EXTENSION = "extension"  # endpoints only
+log = logging.getLogger(__name__)
 
-
-@cache
-def categories(plugin_dir: Path) -> frozenset[str]:
-    """The categories a plugin's ``manifest.yaml`` declares (read once per plugin)."""
-    try:
-        manifest = yaml.safe_load((plugin_dir / "manifest.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return frozenset()
-    plugins = manifest.get("plugins") if isinstance(manifest, Mapping) else None
-    if not isinstance(plugins, Mapping):
-        return frozenset()
-    found = {name for name, key in CATEGORIES.items() if plugins.get(key)}
-    if not found and plugins.get("endpoints"):
-        found.add(EXTENSION)
-    return frozenset(found)
-
-
-def success(data: Any) -> JSONResponse:
-    return JSONResponse({"code": 0, "message": "success", "data": data})
-
-
-async def installed_ids(request: Request) -> Response:
-    """``{"plugin_ids": [...]}`` of one category, as upstream answers it."""
-    daemon = request.app.state.daemon
-    try:
-        check_key(request, daemon.server_key)
-        tenant_id(request)
-        category = request.query_params.get("category", "")
-        if category not in CATEGORIES and category != EXTENSION:
-            raise BadRequest(400, f"invalid plugin category {category!r}")
-    except BadRequest as exc:
-        return JSONResponse(exc.body(), status_code=exc.status)
-    pools = daemon.runtime.pools.values()
-    return success({"plugin_ids": [pool.spec.id for pool in pools if category in categories(pool.spec.path)]})
-
-
+CATEGORIES = ("tool", "model", "agent-strategy", "datasource", "trigger", "extension")
+PAGE_SIZE_MAX = 256  # upstream's bound on page_size
 ASSET_MAX_BYTES = 5 * 1024 * 1024
+PLUGIN_NOT_FOUND = "PluginNotFoundError"  # upstream's type for a plugin the tenant does not have
+_IDS = uuid.UUID("5b0c1d52-6a53-4c1e-9f43-2f4bd0f1e6a7")  # namespace of the installation ids
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A plugin's declaration, worked out once: its checksum, and since when it is installed."""
+
+    declaration: Mapping[str, Any]
+    checksum: str
+    installed_at: float
+
+    @classmethod
+    def of(cls, declaration: Mapping[str, Any], installed_at: float) -> Declared:
+        return cls(declaration, declarations.checksum(declaration), installed_at)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """One plugin as a tenant has it: what upstream keeps in its installation tables."""
+
+    tenant_id: str
+    plugin_id: str
+    declared: Declared
+    runtime_type: str  # "local" or "remote", upstream's names
+
+    @property
+    def declaration(self) -> Mapping[str, Any]:
+        return self.declared.declaration
+
+    @property
+    def unique_identifier(self) -> str:
+        return f"{self.plugin_id}:{self.declaration['version']}@{self.declared.checksum}"
+
+    def record(self, kind: str, provider: str = "") -> dict[str, Any]:
+        """The columns of an upstream installation row (``models.Model`` plus tenant and plugin)."""
+        when = (
+            dt.datetime.fromtimestamp(self.declared.installed_at, dt.UTC).isoformat().replace("+00:00", "Z")
+        )
+        key = f"{self.tenant_id}/{self.plugin_id}/{kind}/{provider}"
+        return {
+            "id": str(uuid.uuid5(_IDS, key)),
+            "created_at": when,
+            "updated_at": when,
+            "tenant_id": self.tenant_id,
+            "plugin_unique_identifier": self.unique_identifier,
+            "plugin_id": self.plugin_id,
+        }
 
 
 @cache
@@ -78,23 +89,239 @@ def assets(plugin_dir: Path) -> Mapping[str, Path]:
     for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
         if not path.is_file() or path.is_symlink() or path.stat().st_size > ASSET_MAX_BYTES:
             continue
-        name = path.relative_to(folder).as_posix()
-        digest = hashlib.sha256(path.read_bytes() + name.encode()).hexdigest()
-        found[digest + path.suffix] = path
+        found[declarations.asset_id(path.relative_to(folder).as_posix(), path.read_bytes())] = path
     return found
 
 
+@cache
+def local_declaration(plugin_dir: Path) -> Declared | None:
+    """A plugin directory's declaration (read once), or None if it cannot be read."""
+    names = {
+        path.relative_to(plugin_dir / "_assets").as_posix(): id_ for id_, path in assets(plugin_dir).items()
+    }
+    try:
+        return Declared.of(
+            declarations.local(plugin_dir, names), (plugin_dir / "manifest.yaml").stat().st_mtime
+        )
+    except (ManifestError, OSError) as exc:
+        log.error("plugin %s is left out of the management routes: %s", plugin_dir.name, exc)
+        return None
+
+
+def remote_declaration(plugin: Any) -> Declared | None:
+    """A remote-debug plugin's declaration, built once from what its SDK sent."""
+    cached = getattr(plugin, "_declaration", None)
+    if cached is None:
+        sent = plugin.declarations
+        if not sent.get("manifest"):
+            return None
+        names = {name: declarations.asset_id(name, data) for name, data in plugin.assets.items()}
+        try:
+            declaration = declarations.plugin_declaration(
+                sent["manifest"],
+                lambda name: names.get(name, name),
+                tools=sent.get("tools"),
+                models=sent.get("models"),
+                agent_strategies=sent.get("agent_strategies"),
+            )
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.error("remote plugin %s is left out of the management routes: %s", plugin.spec.id, exc)
+            return None
+        cached = plugin._declaration = Declared.of(declaration, plugin.connected_at)
+    return cached
+
+
+def remote_assets(plugin: Any) -> Mapping[str, bytes]:
+    """A remote-debug plugin's uploaded files by asset id (hashed once)."""
+    cached = getattr(plugin, "_asset_ids", None)
+    if cached is None:
+        cached = {declarations.asset_id(name, data): data for name, data in plugin.assets.items()}
+        plugin._asset_ids = cached
+    return cached
+
+
+def installed(runtime: Any, tenant: str) -> Iterator[Installed]:
+    """The tenant's plugins: every local one (by id), then its connected remote ones."""
+    remote = runtime.remote.for_tenant(tenant) if runtime.remote is not None else {}
+    for plugin_id in sorted(runtime.pools):
+        if plugin_id in remote:
+            continue  # the tenant's remote-debug connection serves it (``Runtime.pool_for``)
+        declared = local_declaration(runtime.pools[plugin_id].spec.path)
+        if declared is not None:
+            yield Installed(tenant, plugin_id, declared, "local")
+    for plugin_id, plugin in sorted(remote.items()):
+        declared = remote_declaration(plugin)
+        if declared is not None:
+            yield Installed(tenant, plugin_id, declared, "remote")
+
+
+def success(data: Any) -> JSONResponse:
+    return JSONResponse({"code": 0, "message": "success", "data": data})
+
+
+def _paged(request: Request) -> tuple[int, int]:
+    """``page`` (from 1) and ``page_size`` (1 to 256), both required as upstream's binding has them."""
+    values = []
+    for name, top in (("page", None), ("page_size", PAGE_SIZE_MAX)):
+        raw = request.query_params.get(name, "")
+        try:
+            value = int(raw)
+        except ValueError:
+            raise BadRequest(400, f"query parameter {name} must be an integer, got {raw!r}") from None
+        if value < 1 or (top is not None and value > top):
+            bound = f"from 1 to {top}" if top else "at least 1"
+            raise BadRequest(400, f"query parameter {name} must be {bound}, got {value}")
+        values.append(value)
+    return values[0], values[1]
+
+
+def _required(request: Request, *names: str) -> list[str]:
+    values = [request.query_params.get(name, "") for name in names]
+    missing = [name for name, value in zip(names, values, strict=True) if not value]
+    if missing:
+        raise BadRequest(400, f"missing query parameter(s): {', '.join(missing)}")
+    return values
+
+
+def route(handler: Callable[[Request, Any, str], Any]) -> Callable[[Request], Any]:
+    """A management endpoint: the key, the tenant, then ``handler``'s data in upstream's envelope."""
+
+    async def endpoint(request: Request) -> Response:
+        daemon = request.app.state.daemon
+        try:
+            check_key(request, daemon.server_key)
+            return success(handler(request, daemon.runtime, tenant_id(request)))
+        except BadRequest as exc:
+            # Upstream answers "plugin not found" with HTTP 200 and code -404 (``ErrPluginNotFound``).
+            status = 200 if exc.error_type == PLUGIN_NOT_FOUND else exc.status
+            return JSONResponse(exc.body(), status_code=status)
+
+    endpoint.__name__ = endpoint.__qualname__ = handler.__name__
+    return endpoint
+
+
+def _page(items: list[Any], page: int, size: int) -> list[Any]:
+    return items[(page - 1) * size : page * size]
+
+
+@route
+def list_plugins(request: Request, runtime: Any, tenant: str) -> Any:
+    """``management/list``: ``{"list": [installation...], "total": n}`` (``ListPlugins``)."""
+    page, size = _paged(request)
+    everything = list(installed(runtime, tenant))
+    rows = []
+    for plugin in _page(everything, page, size):
+        record = plugin.record("plugin")
+        declaration = plugin.declaration
+        rows.append(
+            {
+                **record,
+                "name": declaration["name"],
+                "endpoints_active": 0,
+                "endpoints_setups": 0,
+                "installation_id": record["id"],
+                "declaration": declaration,
+                "runtime_type": plugin.runtime_type,
+                "version": declaration["version"],
+                "source": "remote" if plugin.runtime_type == "remote" else "package",
+                "checksum": plugin.declared.checksum,
+                "meta": {},
+            }
+        )
+    return {"list": rows, "total": len(everything)}
+
+
+def _providers(runtime: Any, tenant: str, key: str) -> list[tuple[Installed, Mapping[str, Any]]]:
+    return [(p, p.declaration[key]) for p in installed(runtime, tenant) if p.declaration.get(key)]
+
+
+def _name(key: str, provider: Mapping[str, Any]) -> str:
+    return str(provider["provider"] if key == "model" else provider["identity"]["name"])
+
+
+def _row(plugin: Installed, key: str, provider: Mapping[str, Any]) -> dict[str, Any]:
+    row = {
+        **plugin.record(key, _name(key, provider)),
+        "provider": _name(key, provider),
+        "declaration": provider,
+    }
+    if key == "agent_strategy":
+        row["meta"] = plugin.declaration["meta"]
+    return row
+
+
+def _listing(key: str) -> Callable[[Request, Any, str], Any]:
+    def handler(request: Request, runtime: Any, tenant: str) -> Any:
+        page, size = _paged(request)
+        return [_row(p, key, provider) for p, provider in _page(_providers(runtime, tenant, key), page, size)]
+
+    handler.__name__ = f"list_{key}"
+    return handler
+
+
+def _single(key: str) -> Callable[[Request, Any, str], Any]:
+    def handler(request: Request, runtime: Any, tenant: str) -> Any:
+        plugin_id, provider_name = _required(request, "plugin_id", "provider")
+        for plugin, provider in _providers(runtime, tenant, key):
+            if plugin.plugin_id == plugin_id:
+                if _name(key, provider) != provider_name:
+                    break
+                return _row(plugin, key, provider)
+        raise BadRequest(404, "plugin not found", error_type=PLUGIN_NOT_FOUND)
+
+    handler.__name__ = f"get_{key}"
+    return handler
+
+
+list_tools = route(_listing("tool"))
+get_tool = route(_single("tool"))
+list_models = route(_listing("model"))
+list_agent_strategies = route(_listing("agent_strategy"))
+get_agent_strategy = route(_single("agent_strategy"))
+
+
+@route
+def installed_ids(request: Request, runtime: Any, tenant: str) -> Any:
+    """``{"plugin_ids": [...]}`` of one category, as upstream answers it."""
+    wanted = request.query_params.get("category", "")
+    if wanted not in CATEGORIES:
+        raise BadRequest(400, f"invalid plugin category {wanted!r}")
+    return {
+        "plugin_ids": [
+            p.plugin_id for p in installed(runtime, tenant) if declarations.category(p.declaration) == wanted
+        ]
+    }
+
+
 async def asset(request: Request) -> Response:
-    """The bytes of one asset, as upstream sends them (``application/octet-stream``)."""
+    """The bytes of one asset, as upstream sends them (``application/octet-stream``): a local
+    plugin's ``_assets`` file, or a file the tenant's remote-debug plugin uploaded."""
     daemon = request.app.state.daemon
     try:
         check_key(request, daemon.server_key)
-        tenant_id(request)
+        tenant = tenant_id(request)
         wanted = request.path_params["asset_id"]
         for pool in daemon.runtime.pools.values():
             path = assets(pool.spec.path).get(wanted)
             if path is not None:
                 return Response(path.read_bytes(), media_type="application/octet-stream")
+        remote = daemon.runtime.remote.for_tenant(tenant) if daemon.runtime.remote is not None else {}
+        for plugin in remote.values():
+            data = remote_assets(plugin).get(wanted)
+            if data is not None:
+                return Response(data, media_type="application/octet-stream")
         raise BadRequest(404, f"no asset {wanted!r} in any plugin")
     except BadRequest as exc:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+
+# Below ``/plugin/{tenant_id}/management/``, upstream's paths.
+ROUTES = (
+    ("list", list_plugins),
+    ("installation/ids", installed_ids),
+    ("tools", list_tools),
+    ("tool", get_tool),
+    ("models", list_models),
+    ("agent_strategies", list_agent_strategies),
+    ("agent_strategy", get_agent_strategy),
+)

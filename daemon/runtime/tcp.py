@@ -136,7 +136,12 @@ class SocketTransport:
 
 
 def spec_from_declaration(
-    manifest: Mapping[str, Any], tool_providers: list[Any], settings: Settings, where: str
+    manifest: Mapping[str, Any],
+    tool_providers: list[Any],
+    settings: Settings,
+    where: str,
+    *,
+    other_providers: bool = False,
 ) -> PluginSpec:
     """The plugin as its SDK declared it: what a local plugin's YAML files would say."""
     path = Path(where)
@@ -166,8 +171,8 @@ def spec_from_declaration(
             parameters = tuple(p for p in tool.get("parameters") or [] if isinstance(p, Mapping))
             tools[tool_name] = ToolSpec(tool_name, parameters, compiled)
         providers[name] = ProviderSpec(name, tools)
-    if not providers:
-        raise ManifestError(f"{where}: declares no tool providers")
+    if not providers and not other_providers:
+        raise ManifestError(f"{where}: declares no tool, model or agent-strategy providers")
     runner = (manifest.get("meta") or {}).get("runner") or {}
     return PluginSpec(
         path=path,
@@ -196,12 +201,22 @@ def describe_providers(spec: PluginSpec) -> dict[str, Any]:
 class RemotePlugin:
     """A connected plugin, served to one tenant: the pool interface over one connection."""
 
-    def __init__(self, tenant_id: str, connection: Connection, peer: str, assets: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        tenant_id: str,
+        connection: Connection,
+        peer: str,
+        assets: dict[str, bytes],
+        declarations: Mapping[str, Any] | None = None,
+    ) -> None:
         self.tenant_id = tenant_id
         self.spec = connection.spec
         self.connection = connection
         self.peer = peer
         self.assets = assets
+        # What the SDK declared (manifest, tools, models, agent_strategies), for the management routes.
+        self.declarations: Mapping[str, Any] = declarations or {}
+        self.connected_at = time.time()
         self.instances: list[Connection | None] = [connection]
         self.restarts = 0
 
@@ -293,7 +308,7 @@ class RemoteDebugging:
         peer = f"{host}:{port}"
         try:
             async with asyncio.timeout(REGISTRATION_TIMEOUT):
-                tenant, spec, assets, early = await self._register(reader, peer)
+                tenant, spec, assets, early, declared = await self._register(reader, peer)
         except (RegistrationError, ManifestError, TimeoutError, ConnectionError, ValueError) as exc:
             reason = str(exc) or ("registration timed out" if isinstance(exc, TimeoutError) else repr(exc))
             log.warning("remote plugin from %s refused: %s", peer, reason)
@@ -319,7 +334,7 @@ class RemoteDebugging:
         except InstanceStartError as exc:
             log.warning("remote plugin %s from %s: %s", spec.id, peer, exc)
             return
-        plugin = RemotePlugin(tenant, connection, peer, assets)
+        plugin = RemotePlugin(tenant, connection, peer, assets, declared)
         previous = self.plugins.setdefault(tenant, {}).get(spec.id)
         self.plugins[tenant][spec.id] = plugin
         if previous is not None:
@@ -340,7 +355,7 @@ class RemoteDebugging:
 
     async def _register(
         self, reader: asyncio.StreamReader, peer: str
-    ) -> tuple[str, PluginSpec, dict[str, bytes], list[bytes]]:
+    ) -> tuple[str, PluginSpec, dict[str, bytes], list[bytes], dict[str, Any]]:
         """Handshake, declarations, assets, ``end``; the protocol lines that came meanwhile."""
         tenant: str | None = None
         manifest: Mapping[str, Any] | None = None
@@ -348,6 +363,7 @@ class RemoteDebugging:
         assets: dict[str, bytearray] = {}
         asset_bytes = 0
         early: list[bytes] = []
+        declared: dict[str, Any] = {}  # model and agent-strategy providers, for the management routes
         while True:
             line = await self._line(reader)
             if not line.strip():
@@ -379,9 +395,17 @@ class RemoteDebugging:
             elif kind == "end":
                 if manifest is None:
                     raise RegistrationError("no manifest declaration before end")
-                spec = spec_from_declaration(manifest, tools, self._settings, f"remote plugin from {peer}")
-                return tenant, spec, {name: bytes(data) for name, data in assets.items()}, early
-            # other declarations (models, endpoints, ...) describe what this daemon does not serve
+                where = f"remote plugin from {peer}"
+                spec = spec_from_declaration(
+                    manifest, tools, self._settings, where, other_providers=any(declared.values())
+                )
+                declared.update(manifest=manifest, tools=tools)
+                return tenant, spec, {name: bytes(data) for name, data in assets.items()}, early, declared
+            elif kind == "model_declaration" and isinstance(data, list):
+                declared["models"] = data
+            elif kind == "agent_strategy_declaration" and isinstance(data, list):
+                declared["agent_strategies"] = data
+            # other declarations (endpoints, datasources, ...) describe what this daemon does not list
 
     async def _line(self, reader: asyncio.StreamReader) -> bytes:
         try:

@@ -1,0 +1,276 @@
+"""The read-only management routes, read as Dify's API server reads them: each response through
+Dify's envelope handling (``tests/dify_client.py``), then parsed with models of Dify's own
+entities (``tests/dify_entities.py``). A shape Dify cannot parse fails here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from pydantic import TypeAdapter
+
+from daemon.declarations import asset_id
+from daemon.testing import PLUGINS, Daemon, free_port, start_daemon
+from tests import dify_client as dify
+from tests import dify_entities as dify_entities
+from tests.test_runtime import wait_for
+
+TOOLS = {"demo/text_toolkit", "demo/notes", "demo/fastproto"}
+MODELS = "demo/echo_models"
+AGENT = "demo/echo_agent"
+REMOTE = "demo/notes_remote"
+
+
+@pytest.fixture(scope="module")
+def daemon(sdk_plugins_installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    tmp = tmp_path_factory.mktemp("management")
+    port = free_port()
+    started = start_daemon(
+        sdk_plugins_installed, tmp / "state", tmp / "daemon.log", plugin_remote_installing_port=port
+    )
+    started.remote_port = port  # type: ignore[attr-defined]
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=60) as c:
+        yield c
+
+
+def get(daemon: Daemon, client: httpx.Client, tenant: str, path: str, **params: Any) -> Any:
+    """A management call as ``_request_with_plugin_daemon_response`` makes it."""
+    url = f"{daemon.url}/plugin/{tenant}/management/{path}"
+    return dify.request(client, "GET", url, {"X-Api-Key": daemon.key}, params=params)
+
+
+def tool_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
+    """``PluginToolManager.fetch_tool_providers``: its transformer, then its pydantic model."""
+    data = get(daemon, client, tenant, "tools", page=1, page_size=256)
+    for provider in data:
+        for tool in provider["declaration"]["tools"]:
+            tool["identity"]["provider"] = provider["declaration"]["identity"]["name"]
+    return TypeAdapter(list[dify_entities.PluginToolProviderEntity]).validate_python(data)
+
+
+def plugin_list(daemon: Daemon, client: httpx.Client, tenant: str, **params: Any) -> Any:
+    params = {"page": 1, "page_size": 256, "response_type": "paged", **params}
+    return dify_entities.PluginListResponse.model_validate(get(daemon, client, tenant, "list", **params))
+
+
+def yaml_names(plugin: str, folder: str) -> set[str]:
+    files = (PLUGINS / plugin / folder).glob("*.yaml")
+    return {yaml.safe_load(f.read_text())["identity"]["name"] for f in files}
+
+
+def test_tool_providers_parse_as_dify_reads_them(daemon: Daemon, client: httpx.Client) -> None:
+    providers = {p.plugin_id: p for p in tool_providers(daemon, client, "t1")}
+    assert set(providers) == TOOLS
+    toolkit = providers["demo/text_toolkit"]
+    assert toolkit.provider == "text_toolkit" == toolkit.declaration.identity.name
+    assert toolkit.plugin_unique_identifier.startswith("demo/text_toolkit:0.1.0@")
+    assert {t.identity.name for t in toolkit.declaration.tools} == yaml_names("text_toolkit", "tools")
+    word_stats = next(t for t in toolkit.declaration.tools if t.identity.name == "word_stats")
+    assert word_stats.output_schema["required"] == ["words", "unique", "top_word"]
+    assert [(p.name, p.type, p.form, p.required) for p in word_stats.parameters] == [
+        ("text", "string", "llm", True)
+    ]
+    assert word_stats.description is not None and word_stats.description.llm
+
+
+def test_a_declared_icon_is_the_id_the_asset_route_serves(daemon: Daemon, client: httpx.Client) -> None:
+    toolkit = next(p for p in tool_providers(daemon, client, "t1") if p.plugin_id == "demo/text_toolkit")
+    icon = (PLUGINS / "text_toolkit" / "_assets" / "icon.svg").read_bytes()
+    assert toolkit.declaration.identity.icon == asset_id("icon.svg", icon)
+    r = client.get(
+        f"{daemon.url}/plugin/t1/asset/{toolkit.declaration.identity.icon}", headers={"X-Api-Key": daemon.key}
+    )
+    assert r.status_code == 200 and r.content == icon
+
+
+def test_one_tool_provider_and_a_missing_one(daemon: Daemon, client: httpx.Client) -> None:
+    data = get(daemon, client, "t1", "tool", plugin_id="demo/notes", provider="notes")
+    for tool in data["declaration"]["tools"]:
+        tool["identity"]["provider"] = "notes"
+    notes = dify_entities.PluginToolProviderEntity.model_validate(data)
+    assert {t.identity.name for t in notes.declaration.tools} == yaml_names("notes", "tools")
+    # Upstream answers an unknown plugin or provider with code -404 PluginNotFoundError (HTTP 200).
+    for plugin_id, provider in (("demo/notes", "other"), ("demo/none", "notes"), (MODELS, "echo_models")):
+        with pytest.raises(dify.PluginNotFoundError):
+            get(daemon, client, "t1", "tool", plugin_id=plugin_id, provider=provider)
+    with pytest.raises(dify.PluginDaemonClientSideError, match="plugin_id"):
+        get(daemon, client, "t1", "tool", provider="notes")
+
+
+def test_model_providers_parse_as_dify_reads_them(daemon: Daemon, client: httpx.Client) -> None:
+    data = get(daemon, client, "t1", "models", page=1, page_size=256)
+    providers = TypeAdapter(list[dify_entities.PluginModelProviderEntity]).validate_python(data)
+    assert [p.plugin_id for p in providers] == [MODELS]
+    echo = providers[0]
+    assert echo.tenant_id == "t1" and echo.provider == "echo_models"
+    assert {m.model: m.model_type for m in echo.declaration.models} == {
+        "echo-llm": "llm",
+        "echo-embed": "text-embedding",
+    }
+    llm = next(m for m in echo.declaration.models if m.model == "echo-llm")
+    assert llm.fetch_from == "predefined-model"
+    rule = llm.parameter_rules[0]
+    assert (rule.name, rule.type, rule.default, rule.max) == ("max_tokens", "int", 64, 4096)
+    assert llm.model_properties[dify_entities.ModelPropertyKey.CONTEXT_SIZE] == 4096
+    assert echo.declaration.icon_small is not None
+    assert echo.declaration.icon_small.en_US.endswith(".svg") and len(echo.declaration.icon_small.en_US) == 68
+
+
+def test_agent_strategy_providers_parse_as_dify_reads_them(daemon: Daemon, client: httpx.Client) -> None:
+    data = get(daemon, client, "t1", "agent_strategies", page=1, page_size=256)
+    for provider in data:
+        for strategy in provider["declaration"]["strategies"]:
+            strategy["identity"]["provider"] = provider["declaration"]["identity"]["name"]
+    providers = TypeAdapter(list[dify_entities.PluginAgentProviderEntity]).validate_python(data)
+    assert [p.plugin_id for p in providers] == [AGENT]
+    echo = providers[0]
+    assert [s.identity.name for s in echo.declaration.strategies] == ["echo"]
+    assert [p.name for p in echo.declaration.strategies[0].parameters] == ["query"]
+    assert echo.meta.version == "0.0.1"
+    one = get(daemon, client, "t1", "agent_strategy", plugin_id=AGENT, provider="echo_agent")
+    for strategy in one["declaration"]["strategies"]:  # ``fetch_agent_strategy_provider``'s transformer
+        strategy["identity"]["provider"] = "echo_agent"
+    single = dify_entities.PluginAgentProviderEntity.model_validate(one)
+    assert single.model_dump() == echo.model_dump()
+    with pytest.raises(dify.PluginNotFoundError):
+        get(daemon, client, "t1", "agent_strategy", plugin_id=AGENT, provider="nope")
+
+
+def test_the_plugin_list_pages_and_parses_as_dify_reads_it(daemon: Daemon, client: httpx.Client) -> None:
+    everything = plugin_list(daemon, client, "t1")
+    ids = [p.plugin_id for p in everything.list]
+    assert set(ids) == TOOLS | {MODELS, AGENT} and everything.total == len(ids) == 5
+    categories = {p.plugin_id: p.declaration.category for p in everything.list}
+    assert categories[MODELS] == "model" and categories[AGENT] == "agent-strategy"
+    assert {categories[t] for t in TOOLS} == {"tool"}
+    toolkit = next(p for p in everything.list if p.plugin_id == "demo/text_toolkit")
+    assert toolkit.runtime_type == "local" and toolkit.source == "package"
+    assert toolkit.plugin_unique_identifier == f"demo/text_toolkit:{toolkit.version}@{toolkit.checksum}"
+    assert toolkit.installation_id == toolkit.id and toolkit.tenant_id == "t1"
+    assert toolkit.declaration.tool is not None and toolkit.declaration.tool.identity.name == "text_toolkit"
+
+    pages = [plugin_list(daemon, client, "t1", page=n, page_size=2) for n in (1, 2, 3, 4)]
+    assert [len(p.list) for p in pages] == [2, 2, 1, 0]
+    assert [p.plugin_id for page in pages for p in page.list] == ids
+    assert {p.total for p in pages} == {5}
+    # Installation ids are per tenant, and stable.
+    other = plugin_list(daemon, client, "t2")
+    assert {p.id for p in other.list}.isdisjoint({p.id for p in everything.list})
+    assert [p.id for p in plugin_list(daemon, client, "t1").list] == [p.id for p in everything.list]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"page": 1},
+        {"page": 0, "page_size": 10},
+        {"page": 1, "page_size": 257},
+        {"page": "x", "page_size": 1},
+    ],
+)
+@pytest.mark.parametrize("path", ["list", "tools", "models", "agent_strategies"])
+def test_paging_is_required_and_bounded_as_upstream_binds_it(
+    daemon: Daemon, client: httpx.Client, path: str, params: dict[str, Any]
+) -> None:
+    r = client.get(
+        f"{daemon.url}/plugin/t1/management/{path}", params=params, headers={"X-Api-Key": daemon.key}
+    )
+    assert r.status_code == 400
+    body = r.json()
+    assert body["code"] == -400 and '"PluginDaemonBadRequestError"' in body["message"]
+
+
+def test_management_routes_need_the_key(daemon: Daemon, client: httpx.Client) -> None:
+    for path in ("list", "tools", "tool", "models", "agent_strategies", "agent_strategy", "installation/ids"):
+        r = client.get(f"{daemon.url}/plugin/t1/management/{path}", params={"page": 1, "page_size": 1})
+        assert r.status_code == 401, path
+
+
+def remote_copy(tmp: Path) -> Path:
+    """The notes plugin under another name and with an icon no local plugin has."""
+    copy = tmp / "notes_remote"
+    shutil.copytree(PLUGINS / "notes", copy, ignore=shutil.ignore_patterns(".venv", "__pycache__"))
+    manifest = (copy / "manifest.yaml").read_text().replace("name: notes\n", "name: notes_remote\n", 1)
+    (copy / "manifest.yaml").write_text(manifest)
+    (copy / "_assets" / "icon.svg").write_text(
+        "<svg xmlns='http://www.w3.org/2000/svg'><title>remote</title></svg>"
+    )
+    return copy
+
+
+def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
+    daemon: Daemon, client: httpx.Client, tmp_path: Path
+) -> None:
+    key_response = client.post(
+        f"{daemon.url}/plugin/tenant-a/debugging/key", headers={"X-Api-Key": daemon.key}
+    )
+    key = key_response.json()["data"]["key"]
+    copy = remote_copy(tmp_path)
+    env = {
+        "PATH": os.environ["PATH"],
+        "INSTALL_METHOD": "remote",
+        "REMOTE_INSTALL_URL": f"127.0.0.1:{daemon.remote_port}",  # type: ignore[attr-defined]
+        "REMOTE_INSTALL_KEY": key,
+        "HEARTBEAT_INTERVAL": "1",
+    }
+    python = PLUGINS / "notes" / ".venv" / "bin" / "python"
+    plugin = subprocess.Popen([str(python), "-m", "main"], cwd=copy, env=env, stdout=subprocess.DEVNULL)
+    # A model provider too, under the id of a local plugin: for tenant-a the remote one replaces it.
+    models_python = PLUGINS / "echo_models" / ".venv" / "bin" / "python"
+    models = subprocess.Popen(
+        [str(models_python), "-m", "main"], cwd=PLUGINS / "echo_models", env=env, stdout=subprocess.DEVNULL
+    )
+
+    def runtime_types(tenant: str) -> dict[str, str]:
+        return {p.plugin_id: p.runtime_type for p in plugin_list(daemon, client, tenant).list}
+
+    try:
+        wait_for(
+            lambda: runtime_types("tenant-a").get(REMOTE) and runtime_types("tenant-a")[MODELS] == "remote"
+        )
+        listed = {p.plugin_id: p for p in plugin_list(daemon, client, "tenant-a").list}
+        remote = listed[REMOTE]
+        assert remote.runtime_type == "remote" and remote.source == "remote"
+        assert list(runtime_types("tenant-a")).count(MODELS) == 1
+        assert REMOTE not in runtime_types("tenant-b") and runtime_types("tenant-b")[MODELS] == "local"
+        data = get(daemon, client, "tenant-a", "models", page=1, page_size=256)
+        providers_a = TypeAdapter(list[dify_entities.PluginModelProviderEntity]).validate_python(data)
+        assert [p.plugin_id for p in providers_a] == [MODELS]
+        assert [m.model for m in providers_a[0].declaration.models] == ["echo-llm", "echo-embed"]
+
+        providers = {p.plugin_id: p for p in tool_providers(daemon, client, "tenant-a")}
+        assert {t.identity.name for t in providers[REMOTE].declaration.tools} == yaml_names("notes", "tools")
+        assert REMOTE not in {p.plugin_id for p in tool_providers(daemon, client, "tenant-b")}
+        ids = get(daemon, client, "tenant-a", "installation/ids", category="tool")
+        assert REMOTE in dify_entities.InstalledIds.model_validate(ids).plugin_ids
+        assert (
+            REMOTE not in get(daemon, client, "tenant-b", "installation/ids", category="tool")["plugin_ids"]
+        )
+
+        # Its uploaded icon is served by the id its declaration names, to its tenant only.
+        icon = (copy / "_assets" / "icon.svg").read_bytes()
+        assert providers[REMOTE].declaration.identity.icon == asset_id("icon.svg", icon)
+        url = f"{daemon.url}/plugin/{{}}/asset/{asset_id('icon.svg', icon)}"
+        served = client.get(url.format("tenant-a"), headers={"X-Api-Key": daemon.key})
+        assert served.status_code == 200 and served.content == icon
+        assert client.get(url.format("tenant-b"), headers={"X-Api-Key": daemon.key}).status_code == 404
+    finally:
+        for process in (plugin, models):
+            process.kill()
+            process.wait()
+    wait_for(lambda: REMOTE not in runtime_types("tenant-a") and runtime_types("tenant-a")[MODELS] == "local")
+    assert REMOTE not in get(daemon, client, "tenant-a", "installation/ids", category="tool")["plugin_ids"]
