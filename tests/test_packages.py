@@ -181,7 +181,31 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         ),
         "not a valid plugin identity",
     ),
+    "uuid author": (
+        lambda: replaced(
+            "manifest.yaml",
+            (PLUGINS / "notes" / "manifest.yaml")
+            .read_bytes()
+            .replace(b"author: demo", b"author: 0b1e8a7c-5c4f-4a8e-9b1d-2f3c4d5e6f70"),
+        ),
+        "cannot be a UUID",
+    ),
+    "header smaller than the data": (lambda: lying(shrink=True), "corrupt"),
+    "header larger than the data": (lambda: lying(shrink=False), "corrupt"),
 }
+
+
+def lying(*, shrink: bool) -> bytes:
+    """A stored entry whose local and central headers both declare a size its bytes do not have."""
+    data = bytearray(zipped([*plugin_files().items(), (zipfile.ZipInfo("blob.bin"), b"A" * 1000)]))
+    info = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("blob.bin")
+    assert info.compress_type == zipfile.ZIP_STORED
+    told = (10 if shrink else 2000).to_bytes(4, "little")
+    local = info.header_offset
+    data[local + 18 : local + 26] = told + told  # its compressed and uncompressed sizes
+    central = bytes(data).rindex(b"blob.bin") - 46  # the last entry's central record is the last one
+    data[central + 20 : central + 28] = told + told
+    return bytes(data)
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

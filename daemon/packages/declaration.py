@@ -19,6 +19,7 @@ from daemon.packages.archive import PackageError
 IDENTIFIER = re.compile(
     r"^(?:([a-z0-9_-]{1,64})/)?([a-z0-9_-]{1,255}):([0-9]{1,4})(\.[0-9]{1,4}){1,3}(-\w{1,16})?@[a-f0-9]{32,64}$"
 )
+_UUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$")
 _README = re.compile(r"^README_([a-z]{2}_[A-Za-z]{2,})\.md$")
 # Manifest key under ``plugins``, the declaration's key, and the provider file's list of files.
 _KINDS = (
@@ -91,6 +92,9 @@ def identity(data: Mapping[str, Any], checksum: str) -> str:
     """``author/name:version@checksum``, refused unless it is one upstream accepts."""
     author, name, version = data.get("author"), data.get("name"), data.get("version")
     identifier = f"{author}/{name}:{version}@{checksum}"
+    if isinstance(author, str) and _UUID.match(author):
+        # Upstream keeps uuid authors for plugins under remote debugging (``RemoteLike``).
+        raise PackageError("refused: the author cannot be a UUID")
     if not IDENTIFIER.match(identifier):
         raise PackageError(
             f"refused: {author}/{name}:{version} is not a valid plugin identity "
