@@ -324,6 +324,13 @@ def test_the_declaration_inlines_provider_and_tool_files(
     assert tool["identity"]["name"] == "notes"
     assert {t["identity"]["name"] for t in tool["tools"]} == {"save_note", "read_note", "delete_note"}
     assert answer["manifest"]["category"] == "tool"
+    models = upload(daemons["open"], packages["echo_models"].read_bytes()).json()["data"]["manifest"]
+    on_disk = {
+        yaml.safe_load(p.read_text())["model"] for p in (PLUGINS / "echo_models" / "models").rglob("*.yaml")
+    }
+    assert models["category"] == "model" and {m["model"] for m in models["model"]["models"]} == on_disk
+    agent = upload(daemons["open"], packages["echo_agent"].read_bytes()).json()["data"]["manifest"]
+    assert agent["category"] == "agent-strategy" and agent["agent_strategy"]["strategies"]
 
 
 def test_an_unsigned_package_is_refused_by_default_and_when_verification_is_requested(

@@ -58,17 +58,32 @@ def _category(plugins: Mapping[str, Any]) -> str:
 
 
 def _model(root: Path, provider_file: Any) -> dict[str, Any]:
-    """A model provider with its models: files matching its ``models`` patterns (upstream globs)."""
+    """A model provider with its models: the files its ``models.<type>.predefined`` patterns match."""
     provider = _yaml(root, provider_file)
-    patterns = [p for p in (provider.get("models") or []) if isinstance(p, str)]
+    by_type = provider.get("models")
+    patterns = [
+        pattern
+        for declared in (by_type.values() if isinstance(by_type, Mapping) else [])
+        if isinstance(declared, Mapping)
+        for pattern in (declared.get("predefined") or [])
+        if isinstance(pattern, str)
+    ]
     models = []
     for path in sorted(root.rglob("*.yaml")):
         name = path.relative_to(root).as_posix()
-        if name.endswith("_position.yaml") or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if name.endswith("_position.yaml") or not any(_glob(name, p) for p in patterns):
             continue
         models.append(_yaml(root, name))
     provider["models"] = models
     return provider
+
+
+def _glob(name: str, pattern: str) -> bool:
+    """Go's ``filepath.Match``: ``*`` and ``?`` never cross a ``/``."""
+    parts, wanted = name.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(
+        fnmatch.fnmatchcase(a, b) for a, b in zip(parts, wanted, strict=True)
+    )
 
 
 def declaration(root: Path) -> dict[str, Any]:
