@@ -234,6 +234,25 @@ def test_the_real_checksum_of_a_package_counts_every_byte(tmp_path: Path) -> Non
     assert len({base.identifier, changed.identifier, moved.identifier}) == 3
 
 
+def test_the_store_keeps_a_package_once_and_clears_scratch_left_by_a_stopped_run(tmp_path: Path) -> None:
+    from daemon.packages import PackageStore
+
+    stale = tmp_path / "packages" / ".upload-left-behind"
+    (stale / "plugin").mkdir(parents=True)
+    store = PackageStore(tmp_path / "packages", Limits())
+    assert not stale.exists()
+    data = zipped(list(plugin_files().items()))
+    with pytest.raises(PackageError, match="not signed"):
+        store.add(io.BytesIO(data), forced=True)
+    first = store.add(io.BytesIO(data), forced=False)
+    again = store.add(io.BytesIO(data), forced=False)
+    assert first.identifier == again.identifier and store.get(first.identifier) == first
+    place = store.place(first.identifier)
+    assert (place / "package.difypkg").read_bytes() == data
+    assert (place / "plugin" / "manifest.yaml").is_file()
+    assert [p.name for p in (tmp_path / "packages").iterdir()] == ["demo"]
+
+
 # --- routes through a real daemon ---------------------------------------------------------
 
 

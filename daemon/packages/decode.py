@@ -60,6 +60,9 @@ class PackageStore:
     def __init__(self, root: Path, limits: Limits) -> None:
         self.root = root
         self.limits = limits
+        # Scratch folders of uploads a previous run was stopped in the middle of.
+        for stale in root.glob(".upload-*") if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
 
     def place(self, identifier: str) -> Path:
         if not declaration.IDENTIFIER.match(identifier):
@@ -96,7 +99,7 @@ class PackageStore:
     def get(self, identifier: str) -> Decoded | None:
         try:
             record = json.loads((self.place(identifier) / "declaration.json").read_text())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return None
         return Decoded(
             record["unique_identifier"],
