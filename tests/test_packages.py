@@ -22,6 +22,7 @@ import yaml
 from daemon.packages import Limits, PackageError, build, decode_into
 from daemon.packages.build import files
 from daemon.testing import PLUGINS, REPO, Daemon, start_daemon
+from tests import dify_client
 
 BUNDLED = sorted(p.name for p in PLUGINS.iterdir() if (p / "manifest.yaml").is_file())
 TENANT = "tenant-a"
@@ -367,6 +368,28 @@ def test_an_unsigned_package_is_refused_by_default_and_when_verification_is_requ
     assert "not found" in refusal(
         get(daemons["strict"], "fetch/manifest", plugin_unique_identifier=identifier), 404
     )
+
+
+def test_dify_reads_the_upload_answer_and_the_reason_of_a_refusal(
+    packages: dict[str, Path], daemons: dict[str, Daemon]
+) -> None:
+    url = f"/plugin/{TENANT}/management/install/upload/package"
+    form = {"files": {"dify_pkg": ("dify_pkg", packages["notes"].read_bytes(), "application/octet-stream")}}
+    with httpx.Client(timeout=60) as client:
+        data = dify_client.request(
+            client,
+            "POST",
+            daemons["open"].url + url,
+            {"X-Api-Key": daemons["open"].key},
+            **form,
+            data={"verify_signature": "false"},
+        )
+        assert data["unique_identifier"].startswith("demo/notes:0.1.0@") and data["verification"] is None
+        with pytest.raises(dify_client.PluginDaemonClientSideError, match="not signed"):
+            dify_client.request(
+                client, "POST", daemons["strict"].url + url, {"X-Api-Key": daemons["strict"].key}, **form
+            )
+    assert "package upload for tenant tenant-a refused" in daemons["strict"].log()
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

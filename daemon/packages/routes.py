@@ -7,6 +7,7 @@ loop that relays plugin streams.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from daemon.packages.archive import Limits, PackageError
 from daemon.packages.declaration import IDENTIFIER
 from daemon.packages.decode import Decoded, PackageStore
 
+log = logging.getLogger(__name__)
 UPLOAD_SUFFIX = "/management/install/upload/package"
 UPLOAD_PATH = "/plugin/{tenant_id}" + UPLOAD_SUFFIX
 FORM_OVERHEAD = 64 * 1024  # multipart framing and the small fields around the package
@@ -114,6 +116,7 @@ async def _decode(request: Request, form: FormData) -> Decoded:
     try:
         return await anyio.to_thread.run_sync(add, limiter=_DECODERS)
     except PackageError as exc:
+        log.warning("package upload for tenant %s refused: %s", request.path_params.get("tenant_id"), exc)
         raise BadRequest(400, str(exc)) from None
 
 
