@@ -28,6 +28,7 @@ from daemon.invocation import Invocation, new_session
 from daemon.limits import BodyLimit, Budget
 from daemon.manifest import ManifestError, discover
 from daemon.metrics import RuntimeCollector
+from daemon.packages import routes as package_routes
 from daemon.resources.monitor import ResourceMonitor
 from daemon.runtime import PluginUnavailable, Runtime
 from daemon.runtime.backwards import BackwardsServices
@@ -37,6 +38,7 @@ from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 from daemon.wire import get_codec, tool_request
 
 log = logging.getLogger(__name__)
+PACKAGES = "/plugin/{tenant_id}/management"
 
 
 class Daemon:
@@ -297,6 +299,10 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
             for path, endpoint in management.ROUTES
         ),
         Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
+        Route(package_routes.UPLOAD_PATH, package_routes.upload_package, methods=["POST"]),
+        Route(f"{PACKAGES}/decode/from_identifier", package_routes.decode_from_identifier, methods=["GET"]),
+        Route(f"{PACKAGES}/fetch/manifest", package_routes.fetch_manifest, methods=["GET"]),
+        Route(f"{PACKAGES}/fetch/readme", package_routes.fetch_readme, methods=["GET"]),
         Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
@@ -305,7 +311,9 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
         Route("/debug/profile", debug_profile, methods=["GET"]),
         Route("/debug/login", debug_login, methods=["GET", "POST"]),
     ]
-    middleware = [Middleware(BodyLimit, limit=settings.max_request_body_bytes)]
+    upload_limit = settings.max_plugin_package_size + package_routes.FORM_OVERHEAD
+    larger = {package_routes.UPLOAD_SUFFIX: upload_limit}
+    middleware = [Middleware(BodyLimit, limit=settings.max_request_body_bytes, larger=larger)]
     if tracing.enabled:
         templates = {route.endpoint: route.path for route in routes}
         untraced = [p.strip() for p in settings.trace_untraced_paths.split(",") if p.strip()]

@@ -114,11 +114,22 @@ def _parser() -> argparse.ArgumentParser:
         help="create every plugin's virtualenv, then exit",
         description="Create every plugin's virtualenv, then exit.",
     )
+    package = sub.add_parser(
+        "package",
+        help="build a .difypkg from a plugin folder",
+        description="Build a .difypkg from a plugin folder: every file except .venv, __pycache__ and "
+        "what .difyignore (else .gitignore) excludes; the result is decoded again before it is written.",
+    )
+    package.add_argument("folder", metavar="DIR", help="the plugin folder (holds manifest.yaml)")
+    package.add_argument(
+        "-o", "--output", metavar="OUT", help="the file to write; default NAME-VERSION.difypkg beside DIR"
+    )
     for flag, dest, options in FLAGS:
         serve.add_argument(flag, dest=dest, default=None, help=_describe(dest), **options)
     install.add_argument("--plugins", dest="plugins_dir", default=None, help=_describe("plugins_dir"))
     _add_log_level(serve)
     _add_log_level(install)
+    _add_log_level(package)
     return parser
 
 
@@ -288,4 +299,18 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(asyncio.run(_install(plugins)))
         except ManifestError as exc:
             sys.exit(f"plugin-daemon: {exc}")
+    if args.command == "package":
+        sys.exit(_package(Path(args.folder), Path(args.output) if args.output else None))
     serve(_settings(args))
+
+
+def _package(folder: Path, out: Path | None) -> int:
+    from daemon.packages import PackageError, build
+
+    try:
+        path, decoded = build(folder, out)
+    except (PackageError, OSError) as exc:
+        print(f"plugin-daemon: {folder}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: {decoded.identifier}")
+    return 0

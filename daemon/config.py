@@ -135,6 +135,12 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1024, description="per-session buffer between a plugin and a slow caller"
     )
     max_request_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest request body")
+    max_plugin_package_size: int = Field(
+        50 * 1024 * 1024, ge=1024, description="largest .difypkg upload, packed and unpacked"
+    )
+    force_verifying_signature: bool = Field(
+        True, description="refuse packages without a verified signature (every package, here: see README)"
+    )
 
     # Hostile clients and operator events (README: "Security" and "Limits").
     server_shutdown_drain_timeout: float = Field(

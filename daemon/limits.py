@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import threading
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -130,22 +131,26 @@ class BodyTooLarge(Exception):
 class BodyLimit:
     """ASGI middleware: no route reads more than ``limit`` body bytes; the request gets 413."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, larger: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.larger = dict(larger or {})  # path suffix -> its own limit (package uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.limit
+        for suffix, own in self.larger.items():
+            if scope["path"].endswith(suffix):
+                limit = own
         for name, value in scope["headers"]:
             if name == b"content-length":
                 # A declared length frames the body exactly: within the limit, nothing to count.
                 if value.isdigit() and int(value) <= limit:
                     await self.app(scope, receive, send)
                 else:
-                    await self._refuse(send)
+                    await self._refuse(send, limit)
                 return
         received = 0
 
@@ -162,10 +167,10 @@ class BodyLimit:
             await self.app(scope, bounded_receive, send)
         except BodyTooLarge:
             with contextlib.suppress(RuntimeError):  # unless the route had begun its answer
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send: Send) -> None:
-        refusal = _refusal(413, f"request body larger than {self.limit} bytes")
+    async def _refuse(self, send: Send, limit: int) -> None:
+        refusal = _refusal(413, f"request body larger than {limit} bytes")
         await refusal({}, _no_receive, send)
 
 
