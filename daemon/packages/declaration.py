@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.management import CATEGORIES, EXTENSION
+from daemon.declarations import category as declared_category
 from daemon.manifest import MAX_FILE_BYTES, ManifestError, _load_yaml, _read
 from daemon.packages.archive import PackageError
 
@@ -51,10 +51,7 @@ def _yaml(root: Path, relative: Any) -> dict[str, Any]:
 
 
 def _category(plugins: Mapping[str, Any]) -> str:
-    for category, key in CATEGORIES.items():
-        if plugins.get(key):
-            return category
-    return EXTENSION
+    return declared_category({"plugins": plugins})  # one definition, shared with the listings
 
 
 def _model(root: Path, provider_file: Any) -> dict[str, Any]:
