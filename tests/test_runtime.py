@@ -129,9 +129,8 @@ def test_a_plugin_failing_every_start_is_failed_answers_at_once_and_recovers_whe
     assert "failed to start: exited (exit code 7)" in plugin["error"]
     assert "fastproto: exiting during start-up with code 7" in plugin["stderr"]
     assert len(plugin["stderr"]) <= 20
-    started = time.monotonic()
+    # Answered without the 120 s ready wait: the client gives up (and the test fails) after 60 s.
     r = httpx.post(daemon.invoke_url(), **daemon.invocation(FP, "emit"), timeout=60)
-    assert time.monotonic() - started < 60  # answered without the ready wait (the client gives up at 60)
     assert r.status_code == 503
     assert "exited (exit code 7)" in r.json()["message"]
     (plugins / "fastproto" / "fault.json").unlink()  # repaired on disk: the next retry starts it
