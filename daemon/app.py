@@ -25,6 +25,8 @@ from daemon import __version__, access, dispatch, management, metrics, profiling
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
 from daemon.entry import DaemonApp
+from daemon.installs import routes as installs
+from daemon.installs.runtimes import Installations
 from daemon.invocation import Invocation, new_session
 from daemon.limits import BodyLimit, Budget
 from daemon.manifest import ManifestError, discover
@@ -75,19 +77,23 @@ class Daemon:
             specs, errors = [], {str(self.settings.plugins_dir): str(exc)}
         for name, error in errors.items():
             log.error("plugin %s not loaded: %s", name, error)
+        services = BackwardsServices(self.storage)
         self.runtime = Runtime(
-            specs,
+            specs, settings=self.settings, codec=self.codec, services=services, load_errors=errors
+        )
+        self.runtime.installs = Installations(
+            self.database,
             settings=self.settings,
             codec=self.codec,
-            services=BackwardsServices(self.storage),
-            load_errors=errors,
+            services=services,
+            limits=package_routes.limits(self.settings),
         )
         await self.runtime.start()
         self._collector = RuntimeCollector(self.runtime.instance_states)
         metrics.REGISTRY.register(self._collector)
         runtime = self.runtime
         self.monitor = ResourceMonitor(
-            self.settings, lambda: (i for p in runtime.pools.values() for i in p.instances if i is not None)
+            self.settings, lambda: (i for p in runtime.all_pools() for i in p.instances if i is not None)
         )
         metrics.REGISTRY.register(self.monitor.collector)
         self.monitor.start()
@@ -130,6 +136,7 @@ def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
                 kind,
                 server_key=daemon.server_key,
                 find_pool=daemon.runtime.pool_for,
+                on_miss=daemon.runtime.resolve,
                 limit=settings.max_request_body_bytes,
             )
             instance = await ready.pool.acquire(settings.plugin_ready_timeout)
@@ -311,6 +318,10 @@ def create_app(
         ),
         Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
         Route(package_routes.UPLOAD_PATH, package_routes.upload_package, methods=["POST"]),
+        *(
+            Route(f"{PACKAGES}/{path}", endpoint, methods=[method])
+            for path, endpoint, method in installs.ROUTES
+        ),
         Route(f"{PACKAGES}/decode/from_identifier", package_routes.decode_from_identifier, methods=["GET"]),
         Route(f"{PACKAGES}/fetch/manifest", package_routes.fetch_manifest, methods=["GET"]),
         Route(f"{PACKAGES}/fetch/readme", package_routes.fetch_readme, methods=["GET"]),

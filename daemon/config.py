@@ -178,6 +178,17 @@ class Settings(BaseSettings):
         300.0, gt=0, description="seconds a tenant's instance may go without a session before it stops"
     )
     plugin_uid_base: int = Field(200_000, ge=1000, description="first uid of plugins' own uids")
+    plugin_install_timeout: float = Field(
+        15.0, gt=0, description="minutes an install may take to serve before its task fails (upstream's)"
+    )
+    plugin_installed_path: Path | None = Field(
+        None,
+        description="where installed plugins are extracted and run (default STATE_DIR/runtimes; "
+        "outside STATE_DIR, which is 0700 as root, for plugins to run under their own uid)",
+    )
+    plugin_installations_reconcile_interval: float = Field(
+        2.0, gt=0, description="seconds between reads of the installations other daemons made"
+    )
 
     # The database (README: "State and the database"); the names and defaults are upstream's.
     db_type: Literal["sqlite", "postgresql"] | None = Field(
@@ -223,6 +234,10 @@ class Settings(BaseSettings):
     @property
     def memory_limit_overrides(self) -> dict[str, int]:
         return limits.parse_overrides(self.plugin_memory_limits)
+
+    @property
+    def runtimes_dir(self) -> Path:
+        return self.plugin_installed_path or self.state_dir / "runtimes"
 
     @property
     def key_file(self) -> Path:

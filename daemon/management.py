@@ -9,7 +9,6 @@ connected. Served: ``management/list``, ``tools``, ``tool``, ``models``, ``agent
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from daemon import declarations
 from daemon.dispatch import BadRequest, check_key, tenant_id
+from daemon.installs.store import Installation, rfc3339
 from daemon.manifest import ManifestError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Installed:
     plugin_id: str
     declared: Declared
     runtime_type: str  # "local" or "remote", upstream's names
+    row: Installation | None = None  # installed through the API: its database row
 
     @property
     def declaration(self) -> Mapping[str, Any]:
@@ -62,26 +63,35 @@ class Installed:
 
     @property
     def unique_identifier(self) -> str:
+        if self.row is not None:
+            return self.row.unique_identifier
         return f"{self.plugin_id}:{self.declaration['version']}@{self.declared.checksum}"
+
+    @property
+    def source(self) -> str:
+        if self.row is not None:
+            return self.row.source
+        return "remote" if self.runtime_type == "remote" else "package"
 
     def record(self, kind: str, provider: str = "") -> dict[str, Any]:
         """The columns of an upstream installation row (``models.Model`` plus tenant and plugin)."""
-        when = (
-            dt.datetime.fromtimestamp(self.declared.installed_at, dt.UTC).isoformat().replace("+00:00", "Z")
-        )
-        key = f"{self.tenant_id}/{self.plugin_id}/{kind}/{provider}"
+        if self.row is not None:
+            created, updated = rfc3339(self.row.created_at), rfc3339(self.row.updated_at)
+            key = f"{self.row.id}/{kind}/{provider}"
+        else:
+            created = updated = rfc3339(self.declared.installed_at)
+            key = f"{self.tenant_id}/{self.plugin_id}/{kind}/{provider}"
         return {
-            "id": str(uuid.uuid5(_IDS, key)),
-            "created_at": when,
-            "updated_at": when,
+            "id": self.row.id if self.row is not None and kind == "plugin" else str(uuid.uuid5(_IDS, key)),
+            "created_at": created,
+            "updated_at": updated,
             "tenant_id": self.tenant_id,
             "plugin_unique_identifier": self.unique_identifier,
             "plugin_id": self.plugin_id,
         }
 
 
-@cache
-def assets(plugin_dir: Path) -> Mapping[str, Path]:
+def asset_files(plugin_dir: Path) -> dict[str, Path]:
     """A plugin's ``_assets`` files by upstream's id: sha256 of the bytes then the name, in hex,
     plus the name's extension (``MediaBucket.Upload`` in langgenius/dify-plugin-daemon)."""
     found: dict[str, Path] = {}
@@ -93,15 +103,22 @@ def assets(plugin_dir: Path) -> Mapping[str, Path]:
     return found
 
 
+assets = cache(asset_files)  # plugins-directory plugins: read once
+
+
+def listing(plugin_dir: Path, found: Mapping[str, Path] | None = None) -> dict[str, Any]:
+    """A plugin folder's declaration as the listings send it, its icons named by asset id."""
+    found = asset_files(plugin_dir) if found is None else found
+    names = {path.relative_to(plugin_dir / "_assets").as_posix(): id_ for id_, path in found.items()}
+    return declarations.local(plugin_dir, names)
+
+
 @cache
 def local_declaration(plugin_dir: Path) -> Declared | None:
     """A plugin directory's declaration (read once), or None if it cannot be read."""
-    names = {
-        path.relative_to(plugin_dir / "_assets").as_posix(): id_ for id_, path in assets(plugin_dir).items()
-    }
     try:
         return Declared.of(
-            declarations.local(plugin_dir, names), (plugin_dir / "manifest.yaml").stat().st_mtime
+            listing(plugin_dir, assets(plugin_dir)), (plugin_dir / "manifest.yaml").stat().st_mtime
         )
     except (ManifestError, OSError) as exc:
         log.error("plugin %s is left out of the management routes: %s", plugin_dir.name, exc)
@@ -141,14 +158,29 @@ def remote_assets(plugin: Any) -> Mapping[str, bytes]:
 
 
 def installed(runtime: Any, tenant: str) -> Iterator[Installed]:
-    """The tenant's plugins: every local one (by id), then its connected remote ones."""
+    """The tenant's plugins, each once, served by what ``Runtime.pool_for`` would choose: every
+    plugins-directory one (by id), then those it installed (oldest first), then its connected
+    remote-debug ones."""
     remote = runtime.remote.for_tenant(tenant) if runtime.remote is not None else {}
+    rows = (
+        [r for r in runtime.installs.installed(tenant) if r.plugin_id not in remote]
+        if runtime.installs
+        else []
+    )
+    mine = {row.plugin_id for row in rows}
     for plugin_id in sorted(runtime.pools):
-        if plugin_id in remote:
-            continue  # the tenant's remote-debug connection serves it (``Runtime.pool_for``)
+        if plugin_id in remote or plugin_id in mine:
+            continue  # the tenant's own installation or remote-debug connection serves it
         declared = local_declaration(runtime.pools[plugin_id].spec.path)
         if declared is not None:
             yield Installed(tenant, plugin_id, declared, "local")
+    for row in rows:
+        declaration = runtime.installs.declarations.get(row.unique_identifier)
+        if declaration is not None:
+            checksum = row.unique_identifier.rpartition("@")[2]
+            yield Installed(
+                tenant, row.plugin_id, Declared(declaration, checksum, row.created_at), row.runtime_type, row
+            )
     for plugin_id, plugin in sorted(remote.items()):
         declared = remote_declaration(plugin)
         if declared is not None:
@@ -159,7 +191,7 @@ def success(data: Any) -> JSONResponse:
     return JSONResponse({"code": 0, "message": "success", "data": data})
 
 
-def _paged(request: Request) -> tuple[int, int]:
+def paged(request: Request) -> tuple[int, int]:
     """``page`` (from 1) and ``page_size`` (1 to 256), both required as upstream's binding has them."""
     values = []
     for name, top in (("page", None), ("page_size", PAGE_SIZE_MAX)):
@@ -190,7 +222,10 @@ def route(handler: Callable[[Request, Any, str], Any]) -> Callable[[Request], An
         daemon = request.app.state.daemon
         try:
             check_key(request, daemon.server_key)
-            return success(handler(request, daemon.runtime, tenant_id(request)))
+            tenant = tenant_id(request)
+            if daemon.runtime.installs is not None:
+                await daemon.runtime.installs.refresh(tenant)  # installed through another daemon
+            return success(handler(request, daemon.runtime, tenant))
         except BadRequest as exc:
             # Upstream answers "plugin not found" with HTTP 200 and code -404 (``ErrPluginNotFound``).
             status = 200 if exc.error_type == PLUGIN_NOT_FOUND else exc.status
@@ -207,7 +242,7 @@ def _page(items: list[Any], page: int, size: int) -> list[Any]:
 @route
 def list_plugins(request: Request, runtime: Any, tenant: str) -> Any:
     """``management/list``: ``{"list": [installation...], "total": n}`` (``ListPlugins``)."""
-    page, size = _paged(request)
+    page, size = paged(request)
     everything = list(installed(runtime, tenant))
     rows = []
     for plugin in _page(everything, page, size):
@@ -217,15 +252,15 @@ def list_plugins(request: Request, runtime: Any, tenant: str) -> Any:
             {
                 **record,
                 "name": declaration["name"],
-                "endpoints_active": 0,
-                "endpoints_setups": 0,
+                "endpoints_active": plugin.row.endpoints_active if plugin.row else 0,
+                "endpoints_setups": plugin.row.endpoints_setups if plugin.row else 0,
                 "installation_id": record["id"],
                 "declaration": declaration,
                 "runtime_type": plugin.runtime_type,
                 "version": declaration["version"],
-                "source": "remote" if plugin.runtime_type == "remote" else "package",
+                "source": plugin.source,
                 "checksum": plugin.declared.checksum,
-                "meta": {},
+                "meta": dict(plugin.row.meta) if plugin.row else {},
             }
         )
     return {"list": rows, "total": len(everything)}
@@ -252,7 +287,7 @@ def _row(plugin: Installed, key: str, provider: Mapping[str, Any]) -> dict[str, 
 
 def _listing(key: str) -> Callable[[Request, Any, str], Any]:
     def handler(request: Request, runtime: Any, tenant: str) -> Any:
-        page, size = _paged(request)
+        page, size = paged(request)
         return [_row(p, key, provider) for p, provider in _page(_providers(runtime, tenant, key), page, size)]
 
     handler.__name__ = f"list_{key}"
@@ -294,16 +329,17 @@ def installed_ids(request: Request, runtime: Any, tenant: str) -> Any:
 
 
 async def asset(request: Request) -> Response:
-    """The bytes of one asset, as upstream sends them (``application/octet-stream``): a local
-    plugin's ``_assets`` file, or a file the tenant's remote-debug plugin uploaded."""
+    """The bytes of one asset, as upstream sends them (``application/octet-stream``): a local or
+    installed plugin's ``_assets`` file, or a file the tenant's remote-debug plugin uploaded."""
     daemon = request.app.state.daemon
     try:
         check_key(request, daemon.server_key)
         tenant = tenant_id(request)
         wanted = request.path_params["asset_id"]
-        for pool in daemon.runtime.pools.values():
+        installs = daemon.runtime.installs
+        for pool in [*daemon.runtime.pools.values(), *(installs.pools() if installs else ())]:
             path = assets(pool.spec.path).get(wanted)
-            if path is not None:
+            if path is not None and path.is_file():
                 return Response(path.read_bytes(), media_type="application/octet-stream")
         remote = daemon.runtime.remote.for_tenant(tenant) if daemon.runtime.remote is not None else {}
         for plugin in remote.values():

@@ -235,23 +235,38 @@ def test_the_real_checksum_of_a_package_counts_every_byte(tmp_path: Path) -> Non
     assert len({base.identifier, changed.identifier, moved.identifier}) == 3
 
 
-def test_the_store_keeps_a_package_once_and_clears_scratch_left_by_a_stopped_run(tmp_path: Path) -> None:
-    from daemon.packages import PackageStore
+def test_the_store_keeps_a_package_once_in_the_database_and_clears_scratch_left_by_a_stopped_run(
+    tmp_path: Path,
+) -> None:
+    import anyio
 
+    from daemon.installs import store as tables
+    from daemon.packages import PackageStore
+    from daemon.state import Database
+
+    database = Database.sqlite(tmp_path / "state.sqlite3")
+    database.migrate()
     stale = tmp_path / "packages" / ".upload-left-behind"
     (stale / "plugin").mkdir(parents=True)
-    store = PackageStore(tmp_path / "packages", Limits())
+    store = PackageStore(tmp_path / "packages", Limits(), database)
     assert not stale.exists()
     data = zipped(list(plugin_files().items()))
     with pytest.raises(PackageError, match="not signed"):
         store.add(io.BytesIO(data), forced=True)
     first = store.add(io.BytesIO(data), forced=False)
     again = store.add(io.BytesIO(data), forced=False)
-    assert first.identifier == again.identifier and store.get(first.identifier) == first
-    place = store.place(first.identifier)
-    assert (place / "package.difypkg").read_bytes() == data
-    assert (place / "plugin" / "manifest.yaml").is_file()
-    assert [p.name for p in (tmp_path / "packages").iterdir()] == ["demo"]
+
+    async def read_back() -> Any:
+        return await store.get(first.identifier), await PackageStore(tmp_path / "b", Limits(), database).get(
+            first.identifier
+        )
+
+    cached, fresh = anyio.run(read_back)
+    assert first.identifier == again.identifier and cached == first and fresh == first
+    assert database.transaction(lambda c: tables.package_bytes(c, first.identifier)) == data
+    assert database.transaction(lambda c: c.execute(tables.PACKAGES.select()).all()).__len__() == 1
+    assert list((tmp_path / "packages").iterdir()) == []  # nothing left on disk
+    database.close()
 
 
 # --- routes through a real daemon ---------------------------------------------------------

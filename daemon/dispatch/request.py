@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -224,15 +224,19 @@ async def prepare(
     server_key: str,
     find_pool: Callable[[str, str], PluginPool | RemotePlugin | None],
     limit: int,
+    on_miss: Callable[[str, str], Awaitable[PluginPool | RemotePlugin | None]] | None = None,
 ) -> Prepared:
     """Every check of a dispatch request, in upstream's order: key, tenant, plugin, body.
 
     ``find_pool(plugin_id, tenant_id)`` is what serves the plugin to the tenant (a remote-debug
-    connection of that tenant first)."""
+    connection of that tenant first); when it finds nothing, ``on_miss`` may look further (the
+    tenant's installations in the database)."""
     check_key(request, server_key)
     tenant = tenant_id(request)
     plugin = plugin_id(request)
     pool = find_pool(plugin, tenant)
+    if pool is None and on_miss is not None:
+        pool = await on_miss(plugin, tenant)
     if pool is None:
         raise BadRequest(404, f"plugin {plugin!r} is not installed", error_type=PLUGIN_NOT_FOUND)
     body = await read_json(request, limit)

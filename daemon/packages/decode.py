@@ -1,26 +1,29 @@
-"""Decoding a package end to end, and the store of decoded packages in the state directory.
+"""Decoding a package end to end, and the store of decoded packages in the database.
 
 A package is extracted into a scratch folder, its plugin loaded by :func:`daemon.manifest.load_plugin`
-(the same checks as a plugin folder placed by hand), and, once every check has passed, the
-package, its extracted folder and its declaration are moved under
-``<state dir>/packages/<author>/<name>/<version>@<checksum>`` together.
+(the same checks as a plugin folder placed by hand), and, once every check has passed, its bytes,
+its declaration and its READMEs are kept in the database under its unique identifier; the scratch
+folder is removed. A daemon that runs the plugin extracts it again from those bytes
+(:mod:`daemon.installs.runtimes`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
+from daemon.installs import store
+from daemon.management import listing
 from daemon.manifest import ManifestError, load_plugin
 from daemon.packages import archive, declaration
 from daemon.packages.archive import Limits, PackageError
 from daemon.packages.signature import Signature, read_signature, refusal
+
+if TYPE_CHECKING:
+    from daemon.state import Database
 
 
 @dataclass(frozen=True)
@@ -54,59 +57,66 @@ def _relative(message: str, folder: Path) -> str:
     return message.replace(f"{folder.resolve()}/", "").replace(f"{folder}/", "")
 
 
+def place_of(root: Path, identifier: str) -> Path:
+    """``<root>/<author>/<name>/<version>@<checksum>``: where one package's files go below ``root``."""
+    if not declaration.IDENTIFIER.match(identifier):
+        raise PackageError(f"invalid plugin unique identifier {identifier!r}")
+    plugin_id, _, rest = identifier.partition(":")
+    return root.joinpath(*plugin_id.split("/"), rest)
+
+
 class PackageStore:
-    """Decoded packages by unique identifier, under ``root`` (``<state dir>/packages``)."""
+    """Uploaded packages, kept in the database by unique identifier: the bytes (so any daemon on
+    the database can install them), what Dify reads of them and the declaration the listings
+    send. ``scratch`` (``<state dir>/packages``) only holds uploads being decoded."""
 
-    def __init__(self, root: Path, limits: Limits) -> None:
-        self.root = root
+    CACHED = 64  # decoded packages kept in memory (they never change: an identifier is a checksum)
+
+    def __init__(self, scratch: Path, limits: Limits, database: Database) -> None:
+        self.scratch = scratch
         self.limits = limits
+        self.database = database
+        self._cache: dict[str, Decoded] = {}
         # Scratch folders of uploads a previous run was stopped in the middle of.
-        for stale in root.glob(".upload-*") if root.is_dir() else []:
+        for stale in scratch.glob(".upload-*") if scratch.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
-
-    def place(self, identifier: str) -> Path:
-        if not declaration.IDENTIFIER.match(identifier):
-            raise PackageError(f"invalid plugin unique identifier {identifier!r}")
-        plugin_id, _, rest = identifier.partition(":")
-        return self.root.joinpath(*plugin_id.split("/"), rest)
 
     def add(self, upload: IO[bytes], *, forced: bool, requested: bool = False) -> Decoded:
         """Decode ``upload`` and keep it unless the signature policy refuses it (``forced``:
-        FORCE_VERIFYING_SIGNATURE; ``requested``: the caller's ``verify_signature``)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        FORCE_VERIFYING_SIGNATURE; ``requested``: the caller's ``verify_signature``). Blocks:
+        call it from a worker thread."""
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.scratch))
         try:
-            decoded = decode_into(upload, scratch / "plugin", self.limits)
+            decoded = decode_into(upload, folder / "plugin", self.limits)
             refused = refusal(decoded.signature, forced=forced, requested=requested)
             if refused is not None:
                 raise PackageError(refused)
-            place = self.place(decoded.identifier)
-            if (place / "declaration.json").is_file():
-                return decoded
+            listed = listing(folder / "plugin")
             upload.seek(0)
-            with open(scratch / "package.difypkg", "wb") as out:
-                shutil.copyfileobj(upload, out)
-            _write_json(scratch / "declaration.json", _record(decoded))
-            place.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # a concurrent upload of the same package won
-                os.rename(scratch, place)
-                scratch = None  # type: ignore[assignment]
-            return decoded
+            data = upload.read()
         finally:
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        record = _record(decoded)
+        self.database.transaction(lambda c: store.keep_package(c, decoded.identifier, data, record, listed))
+        return decoded
 
-    def get(self, identifier: str) -> Decoded | None:
-        try:
-            record = json.loads((self.place(identifier) / "declaration.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return Decoded(
-            record["unique_identifier"],
-            record["manifest"],
-            record["readmes"],
-            Signature(**record["signature"]),
-        )
+    async def get(self, identifier: str) -> Decoded | None:
+        found = self._cache.get(identifier)
+        if found is None:
+            record = await self.database.run(lambda c: store.package_decoded(c, identifier))
+            if record is None:
+                return None
+            found = Decoded(
+                record["unique_identifier"],
+                record["manifest"],
+                record["readmes"],
+                Signature(**record["signature"]),
+            )
+            if len(self._cache) >= self.CACHED:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[identifier] = found
+        return found
 
 
 def _record(decoded: Decoded) -> dict[str, Any]:
@@ -116,7 +126,3 @@ def _record(decoded: Decoded) -> dict[str, Any]:
         "readmes": decoded.readmes,
         "signature": decoded.signature.__dict__,
     }
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, ensure_ascii=False))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from multipart.exceptions import MultipartParseError
@@ -19,10 +19,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from daemon.dispatch import BadRequest, check_key, tenant_id
+from daemon.dispatch.request import read_json
 from daemon.management import success
 from daemon.packages.archive import Limits, PackageError
 from daemon.packages.declaration import IDENTIFIER
 from daemon.packages.decode import Decoded, PackageStore
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 log = logging.getLogger(__name__)
 UPLOAD_SUFFIX = "/management/install/upload/package"
@@ -31,15 +35,21 @@ FORM_OVERHEAD = 64 * 1024  # multipart framing and the small fields around the p
 _DECODERS = anyio.CapacityLimiter(2)
 
 
+def limits(settings: Settings) -> Limits:
+    """What a package may hold: ``MAX_PLUGIN_PACKAGE_SIZE``, packed and unpacked (upstream's)."""
+    return Limits(
+        package_bytes=settings.max_plugin_package_size, unpacked_bytes=settings.max_plugin_package_size
+    )
+
+
 def store(request: Request) -> PackageStore:
     """The app's package store, made on first use from the daemon's settings."""
     found: PackageStore | None = getattr(request.app.state, "packages", None)
     if found is None:
-        settings = request.app.state.daemon.settings
-        limits = Limits(
-            package_bytes=settings.max_plugin_package_size, unpacked_bytes=settings.max_plugin_package_size
+        daemon = request.app.state.daemon
+        found = request.app.state.packages = PackageStore(
+            daemon.settings.state_dir / "packages", limits(daemon.settings), daemon.database
         )
-        found = request.app.state.packages = PackageStore(settings.state_dir / "packages", limits)
     return found
 
 
@@ -63,17 +73,25 @@ def _checked(request: Request) -> None:
     tenant_id(request)
 
 
-def _identifier(request: Request) -> str:
-    identifier = request.query_params.get("plugin_unique_identifier", "").replace("$", ":")
-    if not identifier:
+async def identifier(request: Request) -> str:
+    """``plugin_unique_identifier`` from the query, or from a JSON body: Dify sends
+    ``decode/from_identifier`` as a GET with a JSON body."""
+    value = request.query_params.get("plugin_unique_identifier", "")
+    if not value and request.headers.get("content-type", "").startswith("application/json"):
+        limit = request.app.state.daemon.settings.max_request_body_bytes
+        body = await read_json(request, limit)
+        given = body.get("plugin_unique_identifier") if isinstance(body, dict) else None
+        value = given if isinstance(given, str) else ""
+    value = value.replace("$", ":")
+    if not value:
         raise BadRequest(400, "plugin_unique_identifier is required")
-    if not IDENTIFIER.match(identifier):
-        raise BadRequest(400, f"plugin_unique_identifier is not valid: {identifier[:300]}")
-    return identifier
+    if not IDENTIFIER.match(value):
+        raise BadRequest(400, f"plugin_unique_identifier is not valid: {value[:300]}")
+    return value
 
 
-def _kept(request: Request) -> Decoded:
-    decoded = store(request).get(_identifier(request))
+async def _kept(request: Request) -> Decoded:
+    decoded = await store(request).get(await identifier(request))
     if decoded is None:
         raise BadRequest(404, "plugin package not found: upload it first (install/upload/package)")
     return decoded
@@ -126,7 +144,7 @@ def _about_kept(answer: Callable[[Decoded, Request], Any]) -> Callable[[Request]
     async def endpoint(request: Request) -> Response:
         try:
             _checked(request)
-            data = answer(_kept(request), request)
+            data = answer(await _kept(request), request)
         except BadRequest as exc:
             return _refused(exc)
         return success(data)

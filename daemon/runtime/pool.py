@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon import isolation, metrics
 from daemon.config import Settings
@@ -32,6 +32,9 @@ from daemon.runtime.process import ProcessTransport
 from daemon.runtime.tcp import RemoteDebugging, RemotePlugin, describe_providers
 from daemon.runtime.tenants import TenantPools
 from daemon.wire import Codec
+
+if TYPE_CHECKING:
+    from daemon.installs.runtimes import Installations
 
 log = logging.getLogger("daemon.runtime")
 
@@ -306,38 +309,65 @@ class Runtime:
             if settings.plugin_remote_installing_enabled
             else None
         )
+        self.installs: Installations | None = None  # plugins installed through the API, once attached
 
     def pool_for(self, plugin_id: str, tenant_id: str) -> PluginPool | RemotePlugin | None:
-        """What serves ``plugin_id`` to ``tenant_id``: its remote-debug connection first."""
+        """What serves ``plugin_id`` to ``tenant_id``: its remote-debug connection first, then the
+        plugin it installed, then the plugins directory's. Memory only: it runs on every request."""
         remote = self.remote.for_tenant(tenant_id).get(plugin_id) if self.remote is not None else None
         if remote is not None:
             return remote
+        if self.installs is not None:
+            installed = self.installs.pool_for(plugin_id, tenant_id)
+            if installed is not None:
+                return installed
         pool = self.pools.get(plugin_id)
         if pool is not None and self.tenants.applies(plugin_id):
             return self.tenants.pool(pool, tenant_id)  # type: ignore[return-value]
         return pool
 
+    async def resolve(self, plugin_id: str, tenant_id: str) -> PluginPool | RemotePlugin | None:
+        """:meth:`pool_for`, after reading the tenant's installations again (a dispatch miss)."""
+        if self.installs is not None:
+            installed = await self.installs.resolve(plugin_id, tenant_id)
+            if installed is not None:
+                return installed
+        return self.pool_for(plugin_id, tenant_id)
+
+    def all_pools(self) -> Iterator[PluginPool]:
+        """The plugins directory's pools, then the installed runtimes' (not the per-tenant ones)."""
+        yield from self.pools.values()
+        if self.installs is not None:
+            yield from self.installs.pools()
+
     def describe(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
-        """Every local plugin, and the remote ones of ``tenant_id`` (of every tenant if None)."""
+        """Every local plugin, the installed runtimes, and the remote ones of ``tenant_id`` (of
+        every tenant if None)."""
         described = [pool.describe() for pool in self.pools.values()]
         for entry in described:
             if self.tenants.applies(entry["plugin_id"]):
                 entry["tenant_pools"] = self.tenants.describe(entry["plugin_id"])
+        if self.installs is not None:
+            described += self.installs.describe()
         if self.remote is not None:
             tenants = [tenant_id] if tenant_id is not None else list(self.remote.plugins)
             for tenant in tenants:
                 described += [plugin.describe() for plugin in self.remote.for_tenant(tenant).values()]
         return described
 
-    def instance_states(self) -> Iterator[tuple[str, int, bool, bool, int]]:
-        """(plugin id, slot, up, ready, bytes queued for callers) per slot, for metrics."""
-        for plugin_id, pool in self.pools.items():
+    def instance_states(self) -> Iterator[tuple[str, int | str, bool, bool, int]]:
+        """(plugin id, slot, up, ready, bytes queued for callers) per slot, for metrics. An
+        installed runtime's slot is named ``<version>#<slot>``: two versions run during an upgrade."""
+        named = [(pool, None) for pool in self.pools.values()]
+        named += [(pool, pool.spec.version) for pool in (self.installs.pools() if self.installs else ())]
+        for pool, version in named:
             for slot, instance in enumerate(pool.instances):
+                name = slot if version is None else f"{version}#{slot}"
                 if instance is None:
-                    yield plugin_id, slot, False, False, 0
+                    yield pool.spec.id, name, False, False, 0
                     continue
                 queued = sum(s.stream.buffered_bytes for s in list(instance.sessions.values()))
-                yield plugin_id, slot, not instance.exited.done(), instance.ready, queued
+                yield pool.spec.id, name, not instance.exited.done(), instance.ready, queued
 
     async def start(self) -> None:
         if self.remote is not None:
@@ -347,10 +377,14 @@ class Runtime:
             for plugin_id, pool in self.pools.items()
         ]
         self.tenants.start()
+        if self.installs is not None:
+            await self.installs.start()
 
     async def stop(self) -> None:
         if self.remote is not None:
             await self.remote.stop()
+        if self.installs is not None:
+            await self.installs.stop()
         await self.tenants.stop()
         for pool in self.pools.values():
             pool.stop()

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from daemon.installs import store as installs_store
+
 log = logging.getLogger("daemon.state")
 
 # Any fixed 64-bit number: every daemon of this kind takes the same one.
@@ -61,6 +63,7 @@ def _plugin_storage(connection: sa.Connection) -> None:
 
 STEPS: list[Step] = [
     Step("0001_plugin_storage", _plugin_storage),
+    Step("0002_plugin_installations", installs_store.migrate_v1),
 ]
 
 
