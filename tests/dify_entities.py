@@ -3,10 +3,12 @@
 Written here, field by field, from langgenius/dify:
 ``api/core/plugin/entities/plugin_daemon.py`` (``PluginDaemonBasicResponse``,
 ``PluginToolProviderEntity``, ``PluginModelProviderEntity``, ``PluginAgentProviderEntity``,
-``PluginListResponse``), ``api/core/plugin/entities/plugin.py`` (``PluginDeclaration``,
-``PluginInstallation``, ``PluginEntity``), ``api/core/plugin/entities/parameters.py``
-(``PluginParameter``), ``api/core/tools/entities/tool_entities.py`` (tool provider and tool
-entities), ``api/core/agent/plugin_entities.py`` (agent strategy entities),
+``PluginListResponse``, ``PluginInstallTask``, ``PluginInstallTaskStartResponse``,
+``PluginDecodeResponse``), ``api/core/plugin/entities/plugin.py`` (``PluginDeclaration``,
+``PluginInstallation``, ``PluginEntity``, ``MissingPluginDependency``),
+``api/core/plugin/entities/parameters.py`` (``PluginParameter``),
+``api/core/tools/entities/tool_entities.py`` (tool provider and tool entities),
+``api/core/agent/plugin_entities.py`` (agent strategy entities),
 ``api/core/entities/provider_entities.py`` (``ProviderConfig``) and the model runtime's
 ``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``).
 Only what decides whether a response parses is kept: required fields, types, enums, patterns
@@ -472,7 +474,7 @@ class InstallationSource(StrEnum):
     REMOTE = "remote"
 
 
-class PluginEntity(BaseModel):  # PluginInstallation + PluginEntity, over BasePluginEntity
+class PluginInstallation(BaseModel):  # over BasePluginEntity (id, created_at, updated_at)
     id: str
     created_at: datetime.datetime
     updated_at: datetime.datetime
@@ -487,6 +489,9 @@ class PluginEntity(BaseModel):  # PluginInstallation + PluginEntity, over BasePl
     version: str
     checksum: str
     declaration: PluginDeclaration
+
+
+class PluginEntity(PluginInstallation):
     name: str
     installation_id: str
 
@@ -498,3 +503,56 @@ class PluginListResponse(BaseModel):
 
 class InstalledIds(BaseModel):
     plugin_ids: list[str]
+
+
+class MissingPluginDependency(BaseModel):
+    plugin_unique_identifier: str
+    current_identifier: str | None = None
+
+
+class AuthorizedCategory(StrEnum):
+    LANGGENIUS = "langgenius"
+    PARTNER = "partner"
+    COMMUNITY = "community"
+
+
+class PluginVerification(BaseModel):
+    authorized_category: AuthorizedCategory
+
+
+class PluginDecodeResponse(BaseModel):
+    unique_identifier: str
+    manifest: PluginDeclaration
+    verification: PluginVerification | None = None
+
+
+class PluginInstallTaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+
+class PluginInstallTaskPluginStatus(BaseModel):
+    plugin_unique_identifier: str
+    plugin_id: str
+    status: PluginInstallTaskStatus
+    message: str
+    icon: str
+    labels: I18nObject
+    source: str | None = None
+
+
+class PluginInstallTask(BaseModel):  # over BasePluginEntity
+    id: str
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    status: PluginInstallTaskStatus
+    total_plugins: int
+    completed_plugins: int
+    plugins: list[PluginInstallTaskPluginStatus]
+
+
+class PluginInstallTaskStartResponse(BaseModel):
+    all_installed: bool
+    task_id: str
