@@ -3,6 +3,7 @@ processes, the bundled plugins packaged as ``.difypkg``, every answer parsed as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -17,9 +18,10 @@ import psutil
 import pytest
 
 from daemon.packages import build
-from daemon.testing import PLUGINS, Daemon, parse_sse, start_daemon
+from daemon.testing import PLUGINS, Daemon, alive, parse_sse, start_daemon
 from tests import dify_client
 from tests import dify_entities as dify
+from tests.postgres import PostgresServer
 
 FASTPROTO = "demo/fastproto"
 NOTES = "demo/notes"
@@ -404,3 +406,76 @@ def test_tasks_are_listed_newest_first_and_deleted_as_upstream_deletes_them(
     api.finished(api.install(broken).task_id)
     assert api.call("POST", "install/tasks/delete_all") is True
     assert api.call("GET", "install/tasks", params={"page": 1, "page_size": 10}) == []
+
+
+def test_two_daemons_on_one_postgresql_install_through_one_and_serve_through_the_other(
+    packages: dict[str, bytes], postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Installations, tasks, packages and plugin storage live in PostgreSQL: either daemon serves
+    what was installed through the other, and one dying mid-stream leaves the other serving."""
+    env = postgres.env(postgres.create_database())
+    daemons: list[Daemon] = []
+    for n, interval in enumerate(("2", "3600")):  # the second learns only on a miss or a route's read
+        (tmp_path / f"plugins{n}").mkdir()
+        daemons.append(
+            start_daemon(
+                tmp_path / f"plugins{n}",
+                tmp_path / f"state{n}",
+                tmp_path / f"daemon{n}.log",
+                plugin_installations_reconcile_interval=interval,
+                **OPEN,
+                **env,
+            )
+        )
+    one, two = daemons
+    try:
+        a1, a2 = Api(one, "tenant-a"), Api(two, "tenant-a")
+        notes, fast = a1.upload(packages["notes"]), a1.upload(packages["fastproto"])
+        started = a1.install(notes, fast)
+        assert a2.finished(started.task_id).status == "success"  # the task is read through the other
+
+        # Storage: saved through one daemon's runtime, read and deleted through the other's. The
+        # second learns of the installation from this very request (its reconcile is an hour away).
+        a2.invoke(NOTES, "notes", "save_note", {"title": "plan", "body": "buy milk"})
+        assert {p.plugin_unique_identifier for p in a2.plugins()} == {notes, fast}
+        assert "buy milk" in json.dumps(a1.invoke(NOTES, "notes", "read_note", {"title": "plan"}))
+        a1.invoke(NOTES, "notes", "delete_note", {"title": "plan"})
+        assert '"found", "variable_value": false' in json.dumps(
+            a2.invoke(NOTES, "notes", "read_note", {"title": "plan"})
+        )
+        assert set(runtimes(one)) == set(runtimes(two)) == {notes, fast}
+        assert not set(pids(one, fast)) & set(pids(two, fast))  # each daemon runs its own
+
+        # Installed through the second, seen by the first's reconcile loop (no request to it).
+        Api(two, "tenant-b").installed(fast)
+        deadline = time.monotonic() + 60
+        while runtimes(one)[fast]["tenants"] != 2:
+            assert time.monotonic() < deadline, one.log()
+            time.sleep(0.1)
+
+        # The first dies in the middle of a stream; the second goes on serving.
+        one.record_children()
+        url = f"{one.url}/plugin/tenant-a/dispatch/tool/invoke"
+        body = one.invoke_body("fastproto", "emit", {"count": 200, "size": 4, "delay_ms": 50})
+        received = 0
+        cut = pytest.raises(httpx.HTTPError)  # the stream is cut, not ended
+        with cut, httpx.stream("POST", url, headers=one.headers(FASTPROTO), json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                received += line.startswith("data: ")
+                if received == 3:
+                    one.proc.kill()
+        assert 3 <= received < 200
+        one.proc.wait(30)
+        for _ in range(3):
+            assert a2.texts(count=2, size=3) == ["abc", "abc"]
+        assert "buy" not in json.dumps(a2.invoke(NOTES, "notes", "read_note", {"title": "plan"}))
+        assert a2.uninstall(a2.installation_of(FASTPROTO).id) is True
+        assert Api(two, "tenant-b").texts(count=1, size=2) == ["ab"]  # tenant-b keeps it
+    finally:
+        for daemon in daemons:
+            if daemon.proc.poll() is not None:  # killed: its plugins exit once orphaned; make sure
+                for pid in alive(daemon.children_seen):
+                    with contextlib.suppress(psutil.Error):
+                        psutil.Process(pid).kill()
+            else:
+                daemon.stop()

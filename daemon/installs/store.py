@@ -106,8 +106,10 @@ def _insert_ignoring(connection: sa.Connection, table: sa.Table, values: Mapping
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    result = connection.execute(insert(table).values(**values).on_conflict_do_nothing())
-    return result.rowcount == 1
+    key = next(iter(table.primary_key.columns))
+    # RETURNING, not rowcount: psycopg does not report a row count for an INSERT ... ON CONFLICT.
+    added = connection.execute(insert(table).values(**values).on_conflict_do_nothing().returning(key))
+    return added.first() is not None
 
 
 # -- packages ---------------------------------------------------------------------------------
