@@ -474,10 +474,13 @@ class InstallationSource(StrEnum):
     REMOTE = "remote"
 
 
-class PluginInstallation(BaseModel):  # over BasePluginEntity (id, created_at, updated_at)
+class BasePluginEntity(BaseModel):
     id: str
     created_at: datetime.datetime
     updated_at: datetime.datetime
+
+
+class PluginInstallation(BasePluginEntity):
     tenant_id: str
     endpoints_setups: int
     endpoints_active: int
@@ -543,10 +546,7 @@ class PluginInstallTaskPluginStatus(BaseModel):
     source: str | None = None
 
 
-class PluginInstallTask(BaseModel):  # over BasePluginEntity
-    id: str
-    created_at: datetime.datetime
-    updated_at: datetime.datetime
+class PluginInstallTask(BasePluginEntity):
     status: PluginInstallTaskStatus
     total_plugins: int
     completed_plugins: int

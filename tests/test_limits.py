@@ -71,7 +71,7 @@ def test_an_oversized_request_head_is_refused_as_it_arrives(
     assert b"request head larger than 8192 bytes" in answer
     # 16 MiB: refused after the first 8 KiB, nothing kept; the daemon hangs up mid-send.
     with connection(daemon) as sock, suppress(OSError):
-            sock.sendall(b"GET /health/check HTTP/1.1\r\nX-Plugin-ID: " + b"a" * (16 << 20))
+        sock.sendall(b"GET /health/check HTTP/1.1\r\nX-Plugin-ID: " + b"a" * (16 << 20))
     assert httpx.get(f"{daemon.url}/health/check", timeout=30).status_code == 200
 
 

@@ -193,7 +193,8 @@ async def read_json(request: Request, limit: int) -> Any:
         raise BadRequest(400, f"malformed JSON body: {exc}") from None
 
 
-def parse(model: type[_Dispatch], body: Any) -> Any:
+def parse(model: type[BaseModel], body: Any, status: int = 422) -> Any:
+    """``body`` as ``model``, or a ``status`` refusal listing each field that is wrong."""
     if not isinstance(body, dict):
         raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
     try:
@@ -204,7 +205,7 @@ def parse(model: type[_Dispatch], body: Any) -> Any:
             for e in exc.errors(include_url=False, include_input=False)
         ]
         summary = "; ".join(f"{e['field']}: {e['problem']}" for e in errors[:5])
-        raise BadRequest(422, f"invalid request body: {summary}", errors) from None
+        raise BadRequest(status, f"invalid request body: {summary}", errors) from None
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class InstalledRuntime:
         self.pool: PluginPool | None = None
         self.error: str | None = None  # why no pool could be made (the package, its manifest)
         self.built = asyncio.Event()  # set once ``pool`` or ``error`` is
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # extracts, then supervises the pool
+        self.drain: asyncio.Task[None] | None = None  # once no tenant has it: waits, stops, removes
         self.stopping = False
 
     @property
@@ -286,11 +287,11 @@ class Installations:
             return
         runtime = InstalledRuntime(identifier, place_of(self.root, identifier))
         self.runtimes[identifier] = runtime
-        after = draining.task if draining is not None else None
+        after = draining.drain if draining is not None else None  # its folder goes first
         runtime.task = self._spawn(self._run(runtime, after), f"runtime {identifier}")
 
     async def _run(self, runtime: InstalledRuntime, after: asyncio.Future[Any] | None) -> None:
-        if after is not None:  # the same identifier's last runtime, still stopping
+        if after is not None:  # the same identifier's last runtime, still stopping and removing
             await asyncio.gather(after, return_exceptions=True)
         try:
             await self._extract(runtime)
@@ -333,7 +334,7 @@ class Installations:
         runtime = self.runtimes.pop(identifier)
         self._draining[identifier] = runtime
         log.info("plugin %s: no longer installed by any tenant; stopping once idle", identifier)
-        self._spawn(self._stop_when_idle(runtime), f"drain {identifier}")
+        runtime.drain = self._spawn(self._stop_when_idle(runtime), f"drain {identifier}")
 
     async def _stop_when_idle(self, runtime: InstalledRuntime) -> None:
         deadline = time.monotonic() + self.settings.plugin_max_execution_timeout

@@ -180,7 +180,7 @@ class Installation:
     id: str
     tenant_id: str
     plugin_id: str
-    unique_identifier: str
+    plugin_unique_identifier: str
     runtime_type: str
     source: str
     meta: Mapping[str, Any]
@@ -191,19 +191,11 @@ class Installation:
 
     @classmethod
     def of(cls, row: sa.Row[Any]) -> Installation:
-        return cls(
-            row.id,
-            row.tenant_id,
-            row.plugin_id,
-            row.plugin_unique_identifier,
-            row.runtime_type,
-            row.source,
-            json.loads(row.meta),
-            row.endpoints_setups,
-            row.endpoints_active,
-            row.created_at,
-            row.updated_at,
-        )
+        return cls(**{**row._mapping, "meta": json.loads(row.meta)})
+
+    @property
+    def unique_identifier(self) -> str:
+        return self.plugin_unique_identifier
 
     def record(self) -> dict[str, Any]:
         """The row as upstream marshals ``models.PluginInstallation``."""
@@ -339,16 +331,7 @@ class Task:
 
     @classmethod
     def of(cls, row: sa.Row[Any]) -> Task:
-        return cls(
-            row.id,
-            row.tenant_id,
-            row.status,
-            row.total_plugins,
-            row.completed_plugins,
-            json.loads(row.plugins),
-            row.created_at,
-            row.updated_at,
-        )
+        return cls(**{**row._mapping, "plugins": json.loads(row.plugins)})
 
     def record(self) -> dict[str, Any]:
         """The row as upstream marshals ``models.InstallTask`` (Dify's ``PluginInstallTask``)."""
