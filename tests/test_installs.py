@@ -479,3 +479,29 @@ def test_two_daemons_on_one_postgresql_install_through_one_and_serve_through_the
                         psutil.Process(pid).kill()
             else:
                 daemon.stop()
+
+
+def test_an_uninstall_lets_its_sessions_finish_and_installing_again_meanwhile_keeps_the_runtime(
+    daemon: Daemon, packages: dict[str, bytes]
+) -> None:
+    api = Api(daemon, "tenant-a")
+    identifier = api.upload(packages["fastproto"])
+    api.installed(identifier)
+    (pid,) = pids(daemon, identifier)
+    url = f"{daemon.url}/plugin/tenant-a/dispatch/tool/invoke"
+    body = daemon.invoke_body("fastproto", "emit", {"count": 20, "size": 2, "delay_ms": 100})
+    texts: list[str] = []
+    with httpx.stream("POST", url, headers=daemon.headers(FASTPROTO), json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[len("data: ") :])
+            assert event["code"] == 0, event
+            texts += [event["data"]["message"]["text"]] if event["data"]["type"] == "text" else []
+            if len(texts) == 2:
+                assert api.uninstall(api.installation_of(FASTPROTO).id) is True
+                assert runtimes(daemon)[identifier]["draining"] is True  # still serving this session
+                api.installed(identifier)  # back before it stopped
+    assert texts == ["ab"] * 20
+    assert runtimes(daemon)[identifier]["draining"] is False and pids(daemon, identifier) == [pid]
+    assert api.texts(count=1, size=1) == ["a"]

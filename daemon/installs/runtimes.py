@@ -106,7 +106,7 @@ class InstalledRuntime:
         if waits:
             await asyncio.wait(waits, timeout=5)
 
-    def describe(self, tenants: int) -> dict[str, Any]:
+    def describe(self, tenants: int, draining: bool) -> dict[str, Any]:
         described = (
             self.pool.describe()
             if self.pool is not None
@@ -118,7 +118,7 @@ class InstalledRuntime:
             **described,
             "unique_identifier": self.identifier,
             "tenants": tenants,
-            "draining": self.stopping,
+            "draining": draining,  # no tenant has it: it ends once its sessions have
         }
 
 
@@ -191,10 +191,8 @@ class Installations:
 
     def describe(self) -> list[dict[str, Any]]:
         users = Counter(i.unique_identifier for rows in self.index.values() for i in rows.values())
-        return [
-            runtime.describe(users[identifier])
-            for identifier, runtime in [*self.runtimes.items(), *self._draining.items()]
-        ]
+        shown = [runtime.describe(users[identifier], False) for identifier, runtime in self.runtimes.items()]
+        return shown + [runtime.describe(0, True) for runtime in self._draining.values()]
 
     # -- reading the database ---------------------------------------------------------------
 
