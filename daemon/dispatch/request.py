@@ -194,7 +194,6 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 def parse(model: type[BaseModel], body: Any, status: int = 422) -> Any:
-    """``body`` as ``model``, or a ``status`` refusal listing each field that is wrong."""
     if not isinstance(body, dict):
         raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
     try:
