@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -317,7 +318,7 @@ def refusal(response: httpx.Response, status: int) -> dict[str, Any]:
     """Upstream's error envelope: ``code`` and a JSON ``message`` naming the error type."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert body["code"] == -status and body["data"] is None
+    assert body["code"] == (-500 if status >= 500 else -status) and body["data"] is None
     return json.loads(body["message"])
 
 
@@ -505,3 +506,34 @@ def test_an_uninstall_lets_its_sessions_finish_and_installing_again_meanwhile_ke
     assert texts == ["ab"] * 20
     assert runtimes(daemon)[identifier]["draining"] is False and pids(daemon, identifier) == [pid]
     assert api.texts(count=1, size=1) == ["a"]
+
+
+def test_a_package_altered_in_the_database_is_refused_when_extracted(
+    packages: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A daemon extracts an installed package again from its bytes and checks them against the
+    identifier: bytes swapped in the database are not run."""
+    (tmp_path / "plugins").mkdir()
+    first = start_daemon(tmp_path / "plugins", tmp_path / "state", tmp_path / "one.log", **OPEN)
+    try:
+        api = Api(first, "tenant-a")
+        v1, v2 = api.upload(packages["fastproto"]), api.upload(packages["fastproto-v2"])
+        api.installed(v1)
+    finally:
+        first.stop()
+    shutil.rmtree(tmp_path / "state" / "runtimes")
+    with sqlite3.connect(tmp_path / "state" / "state.sqlite3") as db:
+        db.execute(
+            "UPDATE plugin_packages SET package ="
+            " (SELECT package FROM plugin_packages WHERE unique_identifier = ?) WHERE unique_identifier = ?",
+            (v2, v1),
+        )
+    again = start_daemon(tmp_path / "plugins", tmp_path / "state", tmp_path / "two.log", **OPEN)
+    try:
+        r = httpx.post(again.invoke_url("tenant-a"), **again.invocation(FASTPROTO, "emit"), timeout=60)
+        error = refusal(r, 503)
+        assert error["error_type"] == "PluginDaemonInternalServerError"
+        assert f"the package kept as {v1} decodes as {v2}" in error["message"]
+        assert not (tmp_path / "state" / "runtimes" / "demo" / "fastproto" / v1.partition(":")[2]).exists()
+    finally:
+        again.stop()

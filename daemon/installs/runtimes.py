@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("daemon.installs")
 
 SUCCEEDED_TASKS_KEPT = 120.0  # seconds a successful task stays readable, as upstream
+RETRY_PREPARE_AFTER = 30.0  # seconds before a runtime that could not be extracted is tried again
 
 
 def _expire(connection: Any, *, timeout: float) -> int:
@@ -71,6 +72,7 @@ class InstalledRuntime:
         self.folder = folder
         self.pool: PluginPool | None = None
         self.error: str | None = None  # why no pool could be made (the package, its manifest)
+        self.failed_at = 0.0  # when ``error`` was set (monotonic)
         self.built = asyncio.Event()  # set once ``pool`` or ``error`` is
         self.task: asyncio.Task[None] | None = None  # extracts, then supervises the pool
         self.drain: asyncio.Task[None] | None = None  # once no tenant has it: waits, stops, removes
@@ -213,6 +215,7 @@ class Installations:
             if tenant is None:
                 generation = await self.database.run(store.generation)
                 if generation == self._generation:
+                    self._converge()  # nothing new; runtimes that failed to prepare are retried
                     return
                 rows = await self.database.run(store.installations)
                 self.index = {}
@@ -236,6 +239,11 @@ class Installations:
         """Start a runtime for each identifier wanted, drain the ones no longer wanted (under the lock)."""
         wanted = {i.unique_identifier for rows in self.index.values() for i in rows.values()}
         wanted |= {identifier for identifier, count in self._pins.items() if count > 0}
+        now = time.monotonic()
+        for identifier in sorted(wanted & self.runtimes.keys()):
+            runtime = self.runtimes[identifier]
+            if runtime.error is not None and now - runtime.failed_at > RETRY_PREPARE_AFTER:
+                del self.runtimes[identifier]  # no process to stop: extracting or loading failed
         for identifier in sorted(wanted - self.runtimes.keys()):
             self._start(identifier)
         for identifier in sorted(self.runtimes.keys() - wanted):
@@ -297,6 +305,7 @@ class Installations:
         except Exception as exc:
             known = isinstance(exc, PackageError | ValueError | OSError)
             runtime.error = str(exc) if known else f"cannot be prepared: {exc!r}"
+            runtime.failed_at = time.monotonic()
             log.error("plugin %s cannot run: %s", runtime.identifier, runtime.error)
             runtime.built.set()
             return
