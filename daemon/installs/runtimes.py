@@ -167,7 +167,11 @@ class Installations:
         """After :meth:`pool_for` missed: read the tenant's installations again (another daemon
         may have installed it), then wait for its runtime to have a pool. None if the tenant has
         not installed ``plugin_id``; :class:`PluginUnavailable` if it cannot be served."""
-        await self.refresh(tenant)
+        try:
+            await self.refresh(tenant)
+        except Exception as exc:  # the database is away: a transient outage for the caller
+            log.error("installations of tenant %s cannot be read: %s", tenant, exc)
+            raise PluginUnavailable(f"the installations cannot be read: {exc}") from None
         found = self.index.get(tenant, {}).get(plugin_id)
         if found is None:
             return None
