@@ -445,6 +445,8 @@ def test_two_daemons_on_one_postgresql_install_through_one_and_serve_through_the
             a2.invoke(NOTES, "notes", "read_note", {"title": "plan"})
         )
         assert set(runtimes(one)) == set(runtimes(two)) == {notes, fast}
+        assert a1.texts(count=1, size=1) == a2.texts(count=1, size=1) == ["a"]
+        assert pids(one, fast) and pids(two, fast)
         assert not set(pids(one, fast)) & set(pids(two, fast))  # each daemon runs its own
 
         # Installed through the second, seen by the first's reconcile loop (no request to it).
