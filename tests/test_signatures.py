@@ -202,6 +202,9 @@ def test_a_tampered_package_does_not_verify(
         (b'{"signature": "AAAA", "time": 1.5}', "without a valid signing time"),
         (b'{"signature": "AAAA", "time": 99999999999999999999}', "without a valid signing time"),
         (b'{"signature": "not base64!", "time": 1}', "not base64"),
+        (b"[" * 60_000, "is not signed"),
+        (b'{"signature": "AAAA", "time": null}', "does not match"),
+        (b'{"signature": "AAAA"}', "does not match"),
     ],
 )
 def test_a_comment_that_is_no_signature_says_why(
@@ -252,6 +255,7 @@ def test_folder_entries_or_an_unreadable_claim_leave_a_signed_package_unverified
     signature = decoded_signature(folders, tmp_path / "a", trusted)
     assert not signature.verified and "folder entries" in signature.problem
     for claim, why in (
+        (b"[" * 200_000, "nested too deep"),
         (b"{not json", "Expecting"),
         (b"[]", "not a JSON object"),
         (b'{"authorized_category": 1}', "not a string"),

@@ -111,13 +111,14 @@ def _comment(comment: bytes) -> tuple[bytes, int] | str:
     """The signature and signing time from a zip comment, or why there is none."""
     try:
         found = json.loads(comment) if comment else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         found = None
     if not isinstance(found, dict):
         return "is not signed"
     # Upstream reads the comment with Go's JSON decoding, which matches field names in any case.
     fields = {str(name).lower(): value for name, value in found.items()}
-    encoded, time = fields.get("signature"), fields.get("time", 0)
+    encoded, time = fields.get("signature"), fields.get("time")
+    time = 0 if time is None else time  # Go leaves a missing or null time at zero
     if not isinstance(encoded, str) or not encoded:
         return "is not signed"
     if isinstance(time, bool) or not isinstance(time, int) or not -_INT64 <= time < _INT64:
@@ -131,7 +132,7 @@ def _comment(comment: bytes) -> tuple[bytes, int] | str:
 
 def _claim(folder: Path, names: Iterable[str]) -> str | None:
     """The category ``.verification.dify.json`` claims ("" for ``null``), None without the file;
-    ValueError if it is not what upstream can read."""
+    ValueError (or RecursionError) if it is not what upstream can read."""
     if VERIFICATION_FILE not in names:
         return None
     claim = json.loads((folder / VERIFICATION_FILE).read_bytes())
@@ -170,6 +171,8 @@ def verify(
         return unverified("has folder entries, which a signed package never holds")
     try:
         category = _claim(extracted, file_hashes)
+    except RecursionError:
+        return unverified(f"has an unreadable {VERIFICATION_FILE} (nested too deep)")
     except (ValueError, OSError) as exc:
         return unverified(f"has an unreadable {VERIFICATION_FILE} ({exc})")
     data = signed_bytes(file_hashes.values(), time)
