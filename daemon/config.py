@@ -8,6 +8,7 @@ Environment variable names follow upstream Dify's plugin daemon where it has one
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,11 +189,12 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _signature_keys(self) -> Settings:
-        self.signature_keys  # noqa: B018 (reads every key file now: a bad one fails at start-up)
+    def _read_signature_keys(self) -> Settings:
+        """Read the key files once, now: a bad one stops the daemon at start, named."""
+        _ = self.signature_keys
         return self
 
-    @property
+    @cached_property
     def signature_keys(self) -> tuple[Any, ...]:
         """The RSA public keys a package signature may verify under (README: "Signatures")."""
         from daemon.packages import signature
