@@ -6,8 +6,8 @@ its contents, followed by the signing time as a decimal string; the signature is
 over their sha256. The zip comment carries ``{"signature": base64, "time": unix seconds}``.
 ``.verification.dify.json`` (``{"authorized_category": ...}``) is an ordinary file among the
 signed ones, so its claim is only believed once the signature holds. File names are not signed
-(the package checksum, which is, covers them); that is upstream's format and is kept so that
-packages signed for Dify verify here and the other way round.
+(the package checksum, which is, covers them); that is upstream's format, kept so that packages
+signed for Dify verify here and packages signed here have the form Dify checks.
 
 Trusted keys: Dify's official key (``keys/langgenius.public.pem``), plus the operator's when
 ``THIRD_PARTY_SIGNATURE_VERIFICATION_ENABLED`` is true. Verification costs one pass over the
