@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from daemon.installs import store
 from daemon.management import listing
 from daemon.manifest import ManifestError, load_plugin
 from daemon.packages import archive, declaration
 from daemon.packages.archive import Limits, PackageError
-from daemon.packages.signature import Signature, read_signature, refusal
+from daemon.packages.signature import Signature, refusal, trusted_keys, verify
 
 if TYPE_CHECKING:
     from daemon.state import Database
@@ -34,12 +37,19 @@ class Decoded:
     signature: Signature
 
 
-def decode_into(source: IO[bytes] | Path, folder: Path, limits: Limits) -> Decoded:
-    """Check and extract ``source`` into ``folder`` (new, empty); what it declares."""
+def decode_into(
+    source: IO[bytes] | Path, folder: Path, limits: Limits, keys: Sequence[RSAPublicKey] | None = None
+) -> Decoded:
+    """Check and extract ``source`` into ``folder`` (new, empty); what it declares. Its signature
+    is checked against ``keys`` (default: the official key only)."""
     with archive.open_zip(source, limits) as zipped:
         found = archive.entries(zipped, limits)
-        checksum = archive.extract(zipped, found, folder, limits)
-        signature = read_signature(zipped)
+        hashes = archive.extract(zipped, found, folder, limits)
+        folders = len(found) < len(zipped.infolist())
+        comment = zipped.comment
+    checksum = archive.checksum(hashes)
+    trusted = trusted_keys() if keys is None else keys
+    signature = verify(comment, hashes, folders=folders, extracted=folder, keys=trusted)
     if not (folder / "manifest.yaml").is_file():
         raise PackageError("refused: the package has no manifest.yaml at its top level")
     try:
@@ -72,10 +82,17 @@ class PackageStore:
 
     CACHED = 64  # decoded packages kept in memory (they never change: an identifier is a checksum)
 
-    def __init__(self, scratch: Path, limits: Limits, database: Database) -> None:
+    def __init__(
+        self,
+        scratch: Path,
+        limits: Limits,
+        database: Database,
+        keys: Sequence[RSAPublicKey] | None = None,
+    ) -> None:
         self.scratch = scratch
         self.limits = limits
         self.database = database
+        self.keys = keys  # trusted signature keys; None: the official key only
         self._cache: dict[str, Decoded] = {}
         # Scratch folders of uploads a previous run was stopped in the middle of.
         for stale in scratch.glob(".upload-*") if scratch.is_dir() else []:
@@ -88,7 +105,7 @@ class PackageStore:
         self.scratch.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.scratch))
         try:
-            decoded = decode_into(upload, folder / "plugin", self.limits)
+            decoded = decode_into(upload, folder / "plugin", self.limits, self.keys)
             refused = refusal(decoded.signature, forced=forced, requested=requested)
             if refused is not None:
                 raise PackageError(refused)

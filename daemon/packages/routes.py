@@ -47,8 +47,9 @@ def store(request: Request) -> PackageStore:
     found: PackageStore | None = getattr(request.app.state, "packages", None)
     if found is None:
         daemon = request.app.state.daemon
+        settings = daemon.settings
         found = request.app.state.packages = PackageStore(
-            daemon.settings.state_dir / "packages", limits(daemon.settings), daemon.database
+            settings.state_dir / "packages", limits(settings), daemon.database, settings.signature_keys
         )
     return found
 
