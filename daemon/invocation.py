@@ -85,7 +85,8 @@ class Invocation:
             await self._relay_and_record(send_body, series, INVALID_SPAN)
             return
         session_span = _tracer.start_span("plugin.session", attributes=self._span_attributes())
-        with spans.activated(session_span) as span:
+        # Not made current: what runs under it (validation, backwards calls) is given its parent.
+        with spans.ending(session_span) as span:
             self.session.attach_trace(trace.set_span_in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
             spans.inject(self.request["context"], span)
@@ -171,9 +172,10 @@ class Invocation:
         ended = time.perf_counter()
         outcome = metrics.outcome_label(self.outcome)
         # Exemplars tie a latency bucket to a trace (shown by Grafana, exposed in OpenMetrics).
-        exemplar = (
-            {"trace_id": format(span.get_span_context().trace_id, "032x")} if span.is_recording() else None
-        )
+        exemplar = None
+        if span.is_recording():
+            trace_id = span.trace_id if type(span) is spans.LeanSpan else span.get_span_context().trace_id
+            exemplar = {"trace_id": format(trace_id, "032x")}
         termination = None
         if self.outcome in (SLOW_CLIENT, TIMEOUT):
             termination = "slow_client" if self.outcome == SLOW_CLIENT else "timeout"
