@@ -299,7 +299,7 @@ class OutputVariables:
     """One session's variables under one design. Subclasses pick the design.
 
     ``apply`` is called by the consumer for each variable message, ``on_close`` by
-    whoever closes the session (reader thread, HTTP layer, timeout), and
+    whoever closes the session (the reader, HTTP layer, timeout), and
     ``on_end_reached`` by the consumer when it reaches the clean end of the stream.
     The last two return/record the verdict: None for "valid", else a message.
     """
