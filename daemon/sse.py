@@ -94,28 +94,28 @@ class EventStreamResponse:
                     stop(self._on_disconnect)
                     return
 
-        timer: asyncio.TimerHandle | None = None
+        watcher: asyncio.Task[None] | None = None
+        limit = self._write_timeout
 
-        def check_stall(limit: float) -> None:
-            # One timer per response instead of a deadline around every send.
-            nonlocal timer
+        def check() -> None:
+            # One timer per response: it starts the watcher (once the response has run for
+            # WATCH_AFTER) and then checks the send in progress, instead of a deadline per send.
+            nonlocal timer, watcher
+            if ended:
+                return
+            if watcher is None:
+                watcher = loop.create_task(watch_disconnect())
+            if limit is None:
+                return
             started = pending_since
             waited = 0.0 if started is None else clock() - started
             if waited >= limit:
                 stop(self._on_stall)
                 return
-            timer = loop.call_later(limit - waited if started is not None else limit / 4, check_stall, limit)
+            timer = loop.call_later(limit - waited if started is not None else limit / 4, check)
 
-        watcher: asyncio.Task[None] | None = None
-
-        def start_watching() -> None:
-            nonlocal watcher
-            if not ended:
-                watcher = loop.create_task(watch_disconnect())
-
-        watch_timer = loop.call_later(WATCH_AFTER, start_watching)
-        if self._write_timeout is not None:
-            timer = loop.call_later(self._write_timeout / 4, check_stall, self._write_timeout)
+        first = WATCH_AFTER if limit is None else min(WATCH_AFTER, limit / 4)
+        timer: asyncio.TimerHandle = loop.call_later(first, check)
         try:
             try:
                 await self._produce(send_body)
@@ -129,11 +129,9 @@ class EventStreamResponse:
                 raise
         finally:
             ended = True
-            watch_timer.cancel()
+            timer.cancel()
             if watcher is not None:
                 watcher.cancel()
-            if timer is not None:
-                timer.cancel()
         if not gone:
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
