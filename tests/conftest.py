@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from daemon.state import Database
 from daemon.testing import PLUGINS, REPO, Daemon, copy_plugin, start_daemon
 
 SDK_PLUGINS = ("demo/text_toolkit", "demo/notes")
@@ -59,3 +60,12 @@ def sdk_daemon(sdk_plugins_installed: Path, tmp_path_factory: pytest.TempPathFac
     daemon.wait_ready(*SDK_PLUGINS, "demo/fastproto")
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(params=["sqlite"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated, empty database of each kind the daemon runs on."""
+    db = Database.sqlite(tmp_path / "state.sqlite3")
+    db.migrate()
+    yield db
+    db.close()

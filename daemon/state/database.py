@@ -1,0 +1,168 @@
+"""The daemon's database: SQLite in the state directory, or a PostgreSQL server shared by daemons.
+
+Callers hand :meth:`Database.run` a function of one SQLAlchemy Core connection; it runs in a
+worker thread inside one transaction, so no query ever blocks the event loop and a function
+either commits whole or not at all. The drivers are the blocking ones (the standard library's
+``sqlite3``, psycopg 3): SQLAlchemy's asyncio layer would only move the same threads out of sight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+
+log = logging.getLogger("daemon.state")
+
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT = 5.0  # seconds a writer waits for another's lock before it fails
+CONNECT_TIMEOUT = 10  # seconds to reach a PostgreSQL server
+
+
+class DatabaseError(Exception):
+    """The database cannot be used: the message says which one and why (never the password)."""
+
+
+class Database:
+    """An engine, a bounded pool of worker threads for it, and the migrations runner."""
+
+    def __init__(self, engine: sa.Engine, *, workers: int) -> None:
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="db")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        if settings.database_type == "postgresql":
+            return cls.postgresql(settings)
+        return cls.sqlite(settings.database_file)
+
+    @classmethod
+    def sqlite(cls, path: Path) -> Database:
+        """A file for the daemon's user alone (SQLite gives its -wal and -shm files the same mode)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            raise DatabaseError(f"cannot open the database {path}: {exc.strerror or exc}") from exc
+        engine = sa.create_engine(
+            sa.URL.create("sqlite", database=str(path)),
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
+            pool_size=4,
+            max_overflow=4,
+        )
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return cls(engine, workers=8)
+
+    @classmethod
+    def postgresql(cls, settings: Settings) -> Database:
+        url = sa.URL.create(
+            "postgresql+psycopg",
+            username=settings.db_username,
+            password=settings.db_password or None,
+            host=settings.db_host,
+            port=settings.db_port,
+            database=settings.db_database,
+        )
+        idle = min(settings.db_max_idle_conns, settings.db_max_open_conns)
+        engine = sa.create_engine(
+            url,
+            connect_args={"sslmode": settings.db_ssl_mode, "connect_timeout": CONNECT_TIMEOUT},
+            pool_size=idle,
+            max_overflow=settings.db_max_open_conns - idle,
+            pool_recycle=settings.db_conn_max_lifetime,
+            pool_pre_ping=True,  # a restarted server costs one reconnect, not one failed call
+        )
+        return cls(engine, workers=settings.db_max_open_conns)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    def describe(self) -> str:
+        """Where the database is, for messages: the URL without its password."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    async def run(self, fn: Callable[[sa.Connection], T]) -> T:
+        """``fn(connection)`` in a worker thread, in one transaction; its result, or its exception.
+
+        A caller cancelled while ``fn`` runs does not stop it: the transaction still commits or
+        rolls back on its own, so ``fn`` must leave the database consistent either way.
+        """
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, self.transaction, fn)
+        return await loop.run_in_executor(self._executor, call)
+
+    def transaction(self, fn: Callable[[sa.Connection], T]) -> T:
+        """As :meth:`run`, in the calling thread (start-up, tests, the CLI)."""
+        try:
+            with self.engine.begin() as connection:
+                return fn(connection)
+        except sa.exc.OperationalError as exc:
+            raise _unreachable(self, exc) from exc
+
+    def migrate(self) -> list[str]:
+        """Apply the steps not yet applied, in order; the names of those applied now."""
+        from daemon.state.migrations import STEPS, apply
+
+        try:
+            return apply(self.engine, STEPS)
+        except sa.exc.OperationalError as exc:
+            raise _unreachable(self, exc) from exc
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+def upsert(
+    connection: sa.Connection, table: sa.Table, values: Mapping[str, Any], keys: Sequence[str]
+) -> None:
+    """Insert ``values``, or update the row whose ``keys`` columns match (one statement, no race)."""
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    statement = insert(table).values(**values)
+    changed = {name: statement.excluded[name] for name in values if name not in keys}
+    if changed:
+        statement = statement.on_conflict_do_update(index_elements=list(keys), set_=changed)
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=list(keys))
+    connection.execute(statement)
+
+
+def _unreachable(database: Database, exc: sa.exc.OperationalError) -> DatabaseError:
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    return DatabaseError(f"cannot use the database {database.describe()}: {reason}")
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling off: SQLAlchemy's "begin" event starts each one.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    # IMMEDIATE: a transaction takes the write lock when it starts, so a read-then-write one
+    # waits its turn instead of failing when another writer got there between the two.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
