@@ -53,6 +53,7 @@ from daemon.wire import tool_request
 log = logging.getLogger(__name__)
 
 HOOK_ID = re.compile(f"^[{HOOK_ALPHABET}]{{{HOOK_LENGTH}}}$")
+METHODS = ["GET", "POST", "PUT", "DELETE", "OPTIONS"]  # upstream's, HEAD with GET
 RESPONSE_ERROR = "EndpointResponseError"  # the plugin's answer is not an HTTP response
 HOP_BY_HOP = frozenset(
     {

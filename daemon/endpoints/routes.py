@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from daemon import management
-from daemon.dispatch import BadRequest, check_key, read_json, tenant_id
+from daemon.dispatch import BadRequest, check_key, parse, read_json, tenant_id
 from daemon.endpoints import settings as checks
 from daemon.endpoints.store import Endpoint, Endpoints
 from daemon.errors import BAD_REQUEST, NOT_FOUND, PLUGIN_NOT_FOUND, envelope
@@ -97,16 +97,10 @@ def route(handler: Callable[[Request, str, Endpoints], Awaitable[Any]]) -> Calla
 
 async def _body(request: Request, model: type[M]) -> M:
     body = await read_json(request, request.app.state.daemon.settings.max_request_body_bytes)
-    if not isinstance(body, dict):
-        raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
     try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc']) or '(body)'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        raise BadRequest(400, f"invalid request body: {'; '.join(problems[:5])}") from None
+        return parse(model, body)  # type: ignore[arg-type, no-any-return]
+    except BadRequest as exc:  # upstream's binding answers 400 where dispatch answers 422
+        raise BadRequest(400, exc.message, exc.errors) from None
 
 
 def _paged(request: Request) -> tuple[int, int]:

@@ -3,9 +3,8 @@
 import json
 from collections.abc import Mapping
 
-from werkzeug import Request, Response
-
 from dify_plugin import Endpoint
+from werkzeug import Request, Response
 
 SHOWN_HEADERS = ("Content-Type", "Dify-Hook-Id", "Dify-Hook-Url", "Host", "X-Custom")
 

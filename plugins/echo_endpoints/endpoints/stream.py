@@ -6,9 +6,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from werkzeug import Request, Response
-
 from dify_plugin import Endpoint
+from werkzeug import Request, Response
 
 MAX_CHUNKS = 1000
 MAX_INTERVAL = 120.0
