@@ -6,6 +6,7 @@ client would, answered by the bundled ``demo/echo_endpoints`` plugin on the offi
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests import dify_entities
 PLUGIN = "demo/echo_endpoints"
 CRASHY = "demo/echo_endpoints_crashy"
 BODY_LIMIT = 64 * 1024
+EXECUTION_TIMEOUT = 8  # PLUGIN_MAX_EXECUTION_TIMEOUT of the module's daemon
 Listing = TypeAdapter(list[dify_entities.EndpointEntityWithInstance])
 
 
@@ -32,7 +34,13 @@ def daemon(sdk_plugins_installed: Path, tmp_path_factory: pytest.TempPathFactory
     for name in ("echo_endpoints", "text_toolkit"):
         copy_plugin(name, plugins)
     copy_plugin("echo_endpoints", plugins, {"crash_after_chunks": 1}, as_name="echo_endpoints_crashy")
-    started = start_daemon(plugins, tmp / "state", tmp / "daemon.log", max_request_body_bytes=BODY_LIMIT)
+    started = start_daemon(
+        plugins,
+        tmp / "state",
+        tmp / "daemon.log",
+        max_request_body_bytes=BODY_LIMIT,
+        plugin_max_execution_timeout=EXECUTION_TIMEOUT,
+    )
     started.wait_ready(PLUGIN, CRASHY, "demo/text_toolkit")
     yield started
     started.stop()
@@ -332,3 +340,47 @@ def test_a_plugin_dying_mid_body_ends_the_response(daemon: Daemon, client: httpx
     assert f"plugin instance {CRASHY}#0" in r.text
     daemon.wait_ready(CRASHY)
     assert client.get(hook(daemon, endpoint, "/echo")).json()["greeting"] == "boom"
+
+
+def test_the_execution_timeout_ends_an_endpoint_session(daemon: Daemon, client: httpx.Client) -> None:
+    endpoint = setup(daemon, client, "t1", "slow", {"greeting": "zz"})
+    # Nothing of the body yet: the status is still ours to give, upstream's 500 envelope.
+    r = client.get(hook(daemon, endpoint, "/stream"), params={"delay": 60})
+    assert r.status_code == 500
+    error = error_of(r)
+    assert error["error_type"] == "PluginDaemonInternalServerError" and error["code"] == -500
+    assert error["message"].startswith("killed by timeout")
+    # Mid-body: the plugin's status stands, and the cause ends the body.
+    r = client.get(hook(daemon, endpoint, "/stream"), params={"chunks": 2, "interval": 60})
+    assert r.status_code == 200 and r.text.startswith("zz chunk 0\n") and "killed by timeout" in r.text
+
+
+def test_a_shutdown_ends_an_endpoint_response_and_endpoints_outlive_the_daemon(
+    sdk_plugins_installed: Path, tmp_path: Path, client: httpx.Client
+) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    copy_plugin("echo_endpoints", plugins)
+    state = tmp_path / "state"
+    first = start_daemon(plugins, state, tmp_path / "first.log", server_shutdown_drain_timeout=1)
+    try:
+        first.wait_ready(PLUGIN)
+        endpoint = setup(first, client, "t1", "durable", {"greeting": "still here"})
+        with client.stream(
+            "GET", hook(first, endpoint, "/stream"), params={"chunks": 2, "interval": 60}
+        ) as r:
+            chunks = r.iter_raw()
+            assert next(chunks) == b"still here chunk 0\n"
+            first.proc.send_signal(signal.SIGTERM)
+            rest = b"".join(chunks)  # a complete body: no error reading it
+        assert b"the daemon is shutting down" in rest
+        assert first.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    finally:
+        first.stop()
+    second = start_daemon(plugins, state, tmp_path / "second.log")
+    try:
+        second.wait_ready(PLUGIN)
+        assert [e.id for e in listing(second, client, "t1")] == [endpoint.id]
+        assert client.get(hook(second, endpoint, "/echo")).json()["greeting"] == "still here"
+    finally:
+        second.stop()

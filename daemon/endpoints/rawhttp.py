@@ -48,11 +48,15 @@ def query(raw: bytes) -> str:
     return urlencode(sorted(pairs, key=lambda pair: pair[0]), encoding="latin-1")
 
 
+def escaped(path: str) -> str:
+    """A path escaped as Go's ``URL.EscapedPath`` escapes it."""
+    return quote(path, safe="/:@!$&'()*+,;=-._~")
+
+
 def target(path: str, raw_query: bytes) -> bytes:
-    """Request target: the path below the hook (escaped as Go escapes a path) and the query."""
-    escaped = quote(path, safe="/:@!$&'()*+,;=-._~")
+    """Request target: the path below the hook and the query."""
     encoded = query(raw_query)
-    return (escaped + ("?" + encoded if encoded else "")).encode()
+    return (escaped(path) + ("?" + encoded if encoded else "")).encode()
 
 
 def serialize(
@@ -82,8 +86,8 @@ def serialize(
         if name not in DROPPED and b"_" not in name and name != b"dify-hook-url"
     ]
     rest.append((b"Dify-Hook-Id", hook_id.encode()))
-    hook_url = found.get(b"dify-hook-url") or f"{scheme}://".encode() + host + f"/e/{hook_id}".encode() + (
-        quote(path, safe="/:@!$&'()*+,;=-._~").encode()
+    hook_url = found.get(b"dify-hook-url") or f"{scheme}://".encode() + host + (
+        f"/e/{hook_id}{escaped(path)}".encode()
     )
     rest.append((b"Dify-Hook-Url", hook_url))
     rest.sort(key=lambda header: header[0])  # stable: repeated headers keep their order

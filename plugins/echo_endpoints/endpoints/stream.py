@@ -1,4 +1,5 @@
-"""Streams ``chunks`` lines, ``interval`` seconds apart, as a generator body (sent chunk by chunk)."""
+"""Streams ``chunks`` lines, ``interval`` seconds apart, after ``delay`` seconds, as a generator body
+(the SDK sends the status and headers first, then each chunk as it is made)."""
 
 import json
 import os
@@ -19,10 +20,12 @@ class StreamEndpoint(Endpoint):
     def _invoke(self, r: Request, values: Mapping, settings: Mapping) -> Response:
         chunks = max(0, min(int(r.args.get("chunks", "3")), MAX_CHUNKS))
         interval = max(0.0, min(float(r.args.get("interval", "0")), MAX_INTERVAL))
+        delay = max(0.0, min(float(r.args.get("delay", "0")), MAX_INTERVAL))
         fault = json.loads(FAULT.read_text()) if FAULT.exists() else {}
         crash_after = fault.get("crash_after_chunks")
 
         def body() -> Iterator[str]:
+            time.sleep(delay)
             for n in range(chunks):
                 if n and interval:
                     time.sleep(interval)
