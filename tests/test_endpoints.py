@@ -6,8 +6,10 @@ client would, answered by the bundled ``demo/echo_endpoints`` plugin on the offi
 from __future__ import annotations
 
 import json
+import os
 import signal
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,11 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
-from daemon.testing import Daemon, copy_plugin, start_daemon
+from daemon.testing import Daemon, copy_plugin, free_port, start_daemon
 from tests import dify_client as dify
 from tests import dify_entities
+from tests.test_remote_debugging import debugging_key, listed
+from tests.test_runtime import wait_for
 
 PLUGIN = "demo/echo_endpoints"
 CRASHY = "demo/echo_endpoints_crashy"
@@ -384,3 +388,47 @@ def test_a_shutdown_ends_an_endpoint_response_and_endpoints_outlive_the_daemon(
         assert client.get(hook(second, endpoint, "/echo")).json()["greeting"] == "still here"
     finally:
         second.stop()
+
+
+def test_a_remote_debug_plugin_serves_its_tenants_endpoints(
+    start: Callable[..., Daemon],
+    fastproto: Callable[..., Path],
+    sdk_plugins_installed: Path,
+    client: httpx.Client,
+) -> None:
+    """The unmodified SDK plugin run with INSTALL_METHOD=remote for one tenant: its endpoint group
+    comes over the socket, the tenant sets up an endpoint, the hook reaches the remote process."""
+    port = free_port()
+    daemon = start(fastproto(), plugin_remote_installing_port=port)
+    folder = sdk_plugins_installed / "echo_endpoints"
+    env = {
+        "PATH": os.environ["PATH"],
+        "INSTALL_METHOD": "remote",
+        "REMOTE_INSTALL_URL": f"127.0.0.1:{port}",
+        "REMOTE_INSTALL_KEY": debugging_key(daemon, "ta"),
+        "HEARTBEAT_INTERVAL": "1",
+    }
+    command = [str(folder / ".venv" / "bin" / "python"), "-m", "main"]
+    plugin = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: listed(daemon, "ta").get(PLUGIN, {}).get("status") == "ready")
+        endpoint = setup(daemon, client, "ta", "remote", {"greeting": "from afar"})
+        assert [e.path for e in endpoint.declaration.endpoints or []] == ["/echo", "/echo", "/stream"]
+        assert client.get(hook(daemon, endpoint, "/echo")).json()["greeting"] == "from afar"
+        # Another tenant does not have the plugin: it cannot set up an endpoint of it.
+        with pytest.raises(dify.PluginNotFoundError):
+            body = {"user_id": "u", "name": "n", "settings": {"greeting": "x"}}
+            body["plugin_unique_identifier"] = identifier(daemon, client, "ta", PLUGIN)
+            call(daemon, client, "POST", "tb", "setup", json=body)
+        plugin.kill()
+        plugin.wait()
+        wait_for(lambda: PLUGIN not in listed(daemon, "ta"))
+        # Gone with its connection: the hook says so, the endpoint stays for when it is back.
+        r = client.get(hook(daemon, endpoint, "/echo"))
+        assert r.status_code == 404 and error_of(r)["message"] == "plugin installation not found"
+        assert [e.id for e in listing(daemon, client, "ta")] == [endpoint.id]
+    finally:
+        plugin.kill()
+        plugin.wait()

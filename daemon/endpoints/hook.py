@@ -164,6 +164,12 @@ class EndpointInvocation(Invocation):
         self.head: Message | None = None  # decided: sent with the next body message
         self.head_sent = False
 
+    def _span_attributes(self) -> dict[str, Any]:
+        attributes = super()._span_attributes()
+        attributes.pop("plugin.provider", None)  # an endpoint names none; its hook id stays out
+        attributes["endpoint.id"] = str(self.request["endpoint_id"])
+        return attributes
+
     def http_response(self) -> ASGIApp:
         """The session's stream response, its head replaced by the plugin's status and headers."""
         stream = self.response()
@@ -174,7 +180,7 @@ class EndpointInvocation(Invocation):
                     return  # the event stream's own head: ours goes with the first body bytes
                 if not self.head_sent:
                     self.head_sent = True
-                    await send(self.head or self._head(None))
+                    await send(self.head or self._head(0))  # the plugin ended without a body
                 await send(message)
 
             await stream(scope, receive, send_with_head)
