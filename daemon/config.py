@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.resources import limits
@@ -186,9 +187,12 @@ class Settings(BaseSettings):
     db_host: str | None = Field(None, min_length=1, description="PostgreSQL server's host")
     db_port: int = Field(5432, ge=1, le=65535, description="PostgreSQL server's port")
     db_username: str = Field("postgres", min_length=1, description="PostgreSQL user")
-    db_password: str = Field("", description="PostgreSQL password (never logged)")
+    db_password: str | None = Field(None, description="PostgreSQL password (never logged)")
     db_database: str = Field(
         "dify_plugin", min_length=1, description="PostgreSQL database, shared by the daemons that use it"
+    )
+    db_default_database: str = Field(
+        "postgres", min_length=1, description="PostgreSQL database used to create DB_DATABASE when missing"
     )
     db_ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
         "disable", description="libpq sslmode of the PostgreSQL connection"
@@ -202,7 +206,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _database(self) -> Settings:
         if self.db_type == "postgresql" and not self.db_host:
-            raise ValueError("DB_TYPE=postgresql needs DB_HOST (the PostgreSQL server's host)")
+            message = "DB_TYPE=postgresql needs DB_HOST (the PostgreSQL server's host)"
+            raise PydanticCustomError("db_host", message)
         return self
 
     @property

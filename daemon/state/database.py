@@ -41,6 +41,8 @@ class Database:
 
     def __init__(self, engine: sa.Engine, *, workers: int) -> None:
         self.engine = engine
+        # PostgreSQL: the database and connection options to create a missing one from.
+        self._maintenance: tuple[str, dict[str, Any]] | None = None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="db")
 
     @classmethod
@@ -78,16 +80,19 @@ class Database:
             port=settings.db_port,
             database=settings.db_database,
         )
+        connect_args = {"sslmode": settings.db_ssl_mode, "connect_timeout": CONNECT_TIMEOUT}
         idle = min(settings.db_max_idle_conns, settings.db_max_open_conns)
         engine = sa.create_engine(
             url,
-            connect_args={"sslmode": settings.db_ssl_mode, "connect_timeout": CONNECT_TIMEOUT},
+            connect_args=connect_args,
             pool_size=idle,
             max_overflow=settings.db_max_open_conns - idle,
             pool_recycle=settings.db_conn_max_lifetime,
             pool_pre_ping=True,  # a restarted server costs one reconnect, not one failed call
         )
-        return cls(engine, workers=settings.db_max_open_conns)
+        database = cls(engine, workers=settings.db_max_open_conns)
+        database._maintenance = (settings.db_default_database, connect_args)
+        return database
 
     @property
     def dialect(self) -> str:
@@ -121,9 +126,46 @@ class Database:
         from daemon.state.migrations import STEPS, apply
 
         try:
+            try:
+                return apply(self.engine, STEPS)
+            except sa.exc.OperationalError:
+                if not self._create_missing_database():
+                    raise
             return apply(self.engine, STEPS)
         except sa.exc.OperationalError as exc:
             raise _unreachable(self, exc) from exc
+
+    def _create_missing_database(self) -> bool:
+        """PostgreSQL: make ``DB_DATABASE`` if the server lacks it, as upstream's daemon does.
+
+        Asked through ``DB_DEFAULT_DATABASE`` (libpq's errors carry no code to tell a missing
+        database from other failures). False when nothing was made: the first error stands.
+        """
+        if self._maintenance is None:
+            return False
+        maintenance, connect_args = self._maintenance
+        name = str(self.engine.url.database)
+        admin = sa.create_engine(
+            self.engine.url.set(database=maintenance), connect_args=connect_args, poolclass=sa.NullPool
+        )
+        try:
+            with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                query = sa.text("SELECT 1 FROM pg_database WHERE datname = :name")
+                if connection.scalar(query, {"name": name}) is not None:
+                    return True  # there after all (another daemon made it): worth one more try
+                log.info("database: creating %s", name)
+                quoted = connection.dialect.identifier_preparer.quote(name)
+                try:
+                    connection.exec_driver_sql(f"CREATE DATABASE {quoted}")
+                except sa.exc.DBAPIError as exc:  # another daemon made it first
+                    if _sqlstate(exc) not in MADE_BY_ANOTHER:
+                        raise
+                return True
+        except sa.exc.DBAPIError as exc:
+            log.warning("database: cannot create %s through %s: %s", name, maintenance, exc.orig)
+            return False
+        finally:
+            admin.dispose()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -147,7 +189,15 @@ def upsert(
     connection.execute(statement)
 
 
-def _unreachable(database: Database, exc: sa.exc.OperationalError) -> DatabaseError:
+# duplicate_database, or unique_violation when two CREATE DATABASE statements cross
+MADE_BY_ANOTHER = ("42P04", "23505")
+
+
+def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    return getattr(exc.orig, "sqlstate", None)
+
+
+def _unreachable(database: Database, exc: sa.exc.DBAPIError) -> DatabaseError:
     reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
     return DatabaseError(f"cannot use the database {database.describe()}: {reason}")
 
