@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 from daemon.testing import Daemon, copy_plugin, free_port, start_daemon
 from tests import dify_client as dify
 from tests import dify_entities
+from tests.postgres import PostgresServer
 from tests.test_remote_debugging import debugging_key, listed
 from tests.test_runtime import wait_for
 
@@ -432,3 +433,29 @@ def test_a_remote_debug_plugin_serves_its_tenants_endpoints(
     finally:
         plugin.kill()
         plugin.wait()
+
+
+def test_daemons_sharing_a_postgresql_database_share_endpoints(
+    start: Callable[..., Daemon],
+    sdk_plugins_installed: Path,
+    postgres: PostgresServer,
+    tmp_path: Path,
+    client: httpx.Client,
+) -> None:
+    """Behind a load balancer: set up through one daemon, called and switched through either."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    copy_plugin("echo_endpoints", plugins)
+    env = postgres.env(postgres.create_database())
+    one, two = start(plugins, **env), start(plugins, **env)
+    one.wait_ready(PLUGIN)
+    two.wait_ready(PLUGIN)
+    endpoint = setup(one, client, "t1", "shared", {"greeting": "either"})
+    assert [e.id for e in listing(two, client, "t1")] == [endpoint.id]
+    assert client.get(hook(two, endpoint, "/echo")).json()["greeting"] == "either"
+    assert call(two, client, "POST", "t1", "disable", json={"endpoint_id": endpoint.id}) is True
+    assert client.get(hook(one, endpoint, "/echo")).status_code == 404
+    update = {"endpoint_id": endpoint.id, "user_id": "u1", "name": "shared", "settings": {"greeting": "both"}}
+    assert call(one, client, "POST", "t1", "update", json=update) is True
+    assert call(one, client, "POST", "t1", "enable", json={"endpoint_id": endpoint.id}) is True
+    assert client.get(hook(two, endpoint, "/echo")).json()["greeting"] == "both"
