@@ -130,7 +130,7 @@ def test_an_endpoint_from_setup_to_removal(daemon: Daemon, client: httpx.Client)
     r = client.get(
         hook(daemon, endpoint, "/echo"),
         params=[("b", "2"), ("a", "1"), ("a", "0")],
-        headers={"X-Custom": "yes"},
+        headers={"X-Custom": "yes", "X_Underscored": "the SDK would refuse the request"},
     )
     assert r.status_code == 200 and r.headers["x-echo-greeting"] == "hello"
     echo = r.json()

@@ -48,6 +48,7 @@ from daemon.errors import (
 )
 from daemon.invocation import Invocation, new_session
 from daemon.runtime import PluginUnavailable
+from daemon.state import DatabaseError
 from daemon.wire import tool_request
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,11 @@ async def invoke(request: Request) -> Response | ASGIApp:
         return _json(503, -500, INTERNAL_ERROR, "the daemon is shutting down")
     hook_id = request.path_params["hook_id"]
     # Upstream answers an unknown hook with its bad-request type under a 404.
-    endpoint = await Endpoints(daemon.database).by_hook(hook_id) if HOOK_ID.match(hook_id) else None
+    try:
+        endpoint = await Endpoints(daemon.database).by_hook(hook_id) if HOOK_ID.match(hook_id) else None
+    except DatabaseError as exc:
+        log.error("endpoint lookup failed: %s", exc)
+        return _json(500, -500, INTERNAL_ERROR, "internal server error")
     if endpoint is None:
         return _json(404, -400, BAD_REQUEST, "endpoint not found")
     if not endpoint.enabled:

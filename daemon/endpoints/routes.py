@@ -16,6 +16,7 @@ has no such service) and listed with secret settings masked, as upstream lists t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -27,8 +28,11 @@ from daemon import management
 from daemon.dispatch import BadRequest, check_key, parse, read_json, tenant_id
 from daemon.endpoints import settings as checks
 from daemon.endpoints.store import Endpoint, Endpoints
-from daemon.errors import BAD_REQUEST, NOT_FOUND, PLUGIN_NOT_FOUND, envelope
+from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, NOT_FOUND, PLUGIN_NOT_FOUND, envelope
 from daemon.packages.declaration import IDENTIFIER
+from daemon.state import DatabaseError
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE_MAX = 100  # upstream's binding: ``page_size`` at most 100
 PERMISSION_DENIED = "PluginPermissionDeniedError"
@@ -90,6 +94,11 @@ def route(handler: Callable[[Request, str, Endpoints], Awaitable[Any]]) -> Calla
             return JSONResponse(exc.body(), status_code=exc.status)
         except Refused as exc:
             return JSONResponse(exc.body)
+        except DatabaseError as exc:
+            log.error("%s: %s", request.url.path, exc)
+            return JSONResponse(
+                envelope(-500, INTERNAL_ERROR, "the database is unavailable"), status_code=500
+            )
 
     endpoint.__name__ = endpoint.__qualname__ = handler.__name__
     return endpoint

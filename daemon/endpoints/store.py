@@ -42,7 +42,7 @@ def _table_v1(metadata: sa.MetaData) -> sa.Table:
         sa.Column("hook_id", sa.String(127), nullable=False, unique=True),
         sa.Column("tenant_id", sa.String(64), nullable=False),
         sa.Column("user_id", sa.String(256), nullable=False),
-        sa.Column("plugin_id", sa.String(256), nullable=False),
+        sa.Column("plugin_id", sa.String(512), nullable=False),
         sa.Column("expired_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("enabled", sa.Boolean, nullable=False),
         sa.Column("settings", sa.JSON, nullable=False),
