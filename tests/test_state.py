@@ -18,8 +18,9 @@ import sqlalchemy as sa
 
 from daemon import cli
 from daemon.config import Settings
-from daemon.state import Database, PluginStorage
+from daemon.state import Database, DatabaseError, PluginStorage
 from daemon.state.migrations import APPLIED, STEPS, Step, apply
+from daemon.state.storage import plugin_storage
 from daemon.testing import REPO, Daemon, free_port
 from tests.postgres import PASSWORD, PostgresServer
 from tests.test_remote_debugging import NOTES, variables
@@ -142,6 +143,43 @@ def test_a_missing_postgresql_database_is_created_as_upstream_does(
     finally:
         for database in databases:
             database.close()
+
+
+def test_run_keeps_the_event_loop_free_and_is_one_transaction(database: Database) -> None:
+    storage = PluginStorage(database)
+
+    async def body() -> None:
+        released = threading.Event()
+
+        def waits(connection: sa.Connection) -> int:
+            assert released.wait(30), "the event loop was blocked while the query ran"
+            return int(connection.scalar(sa.text("SELECT 1")))
+
+        call = asyncio.create_task(database.run(waits))
+        await asyncio.sleep(0.05)  # the call is under way in its thread; the loop still runs
+        released.set()
+        assert await call == 1
+
+        def half(connection: sa.Connection) -> None:
+            row = {"tenant_id": "t", "plugin_id": "p", "key": "k", "value": b"v"}
+            connection.execute(plugin_storage.insert().values(**row))
+            raise LookupError("after the insert")
+
+        with pytest.raises(LookupError):
+            await database.run(half)
+        assert await storage.get("t", "p", "k") is None  # rolled back whole
+
+    asyncio.run(body())
+
+
+def test_a_database_gone_at_run_time_is_a_database_error(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path, DB_HOST="127.0.0.1", DB_PORT=free_port())
+    database = Database.from_settings(settings)
+    try:
+        with pytest.raises(DatabaseError, match=r"cannot use the database .*Connection refused"):
+            asyncio.run(database.run(lambda c: c.scalar(sa.text("SELECT 1"))))
+    finally:
+        database.close()
 
 
 # Several daemon processes on one PostgreSQL database.

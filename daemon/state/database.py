@@ -81,12 +81,13 @@ class Database:
             database=settings.db_database,
         )
         connect_args = {"sslmode": settings.db_ssl_mode, "connect_timeout": CONNECT_TIMEOUT}
-        idle = min(settings.db_max_idle_conns, settings.db_max_open_conns)
+        # SQLAlchemy reads a pool size of 0 as "no limit": at least one connection stays open.
+        idle = max(1, min(settings.db_max_idle_conns, settings.db_max_open_conns))
         engine = sa.create_engine(
             url,
             connect_args=connect_args,
             pool_size=idle,
-            max_overflow=settings.db_max_open_conns - idle,
+            max_overflow=max(0, settings.db_max_open_conns - idle),
             pool_recycle=settings.db_conn_max_lifetime,
             pool_pre_ping=True,  # a restarted server costs one reconnect, not one failed call
         )
@@ -107,7 +108,9 @@ class Database:
         """``fn(connection)`` in a worker thread, in one transaction; its result, or its exception.
 
         A caller cancelled while ``fn`` runs does not stop it: the transaction still commits or
-        rolls back on its own, so ``fn`` must leave the database consistent either way.
+        rolls back on its own, so ``fn`` must leave the database consistent either way. A
+        database that cannot be reached (or, SQLite, stays locked past the busy timeout) raises
+        :class:`DatabaseError`; anything else ``fn`` raises passes through as it is.
         """
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, self.transaction, fn)
