@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from daemon.config import CodecName, Settings, ValidatorBackend, ValidatorDesign
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import ManifestError, discover
+from daemon.packages import commands as package_commands
 from daemon.state import Database, DatabaseError
 from daemon.validation import BackendUnavailable, check_backend
 
@@ -125,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     package.add_argument(
         "-o", "--output", metavar="OUT", help="the file to write; default NAME-VERSION.difypkg beside DIR"
     )
+    package_commands.add_signing(package)
+    package_commands.add_commands(sub)
     for flag, dest, options in FLAGS:
         serve.add_argument(flag, dest=dest, default=None, help=_describe(dest), **options)
     install.add_argument("--plugins", dest="plugins_dir", default=None, help=_describe("plugins_dir"))
@@ -316,18 +319,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(asyncio.run(_install(plugins)))
         except ManifestError as exc:
             sys.exit(f"plugin-daemon: {exc}")
-    if args.command == "package":
-        sys.exit(_package(Path(args.folder), Path(args.output) if args.output else None))
+    if args.command in package_commands.COMMANDS:
+        sys.exit(package_commands.run(args))
     serve(_settings(args))
-
-
-def _package(folder: Path, out: Path | None) -> int:
-    from daemon.packages import PackageError, build
-
-    try:
-        path, decoded = build(folder, out)
-    except (PackageError, OSError) as exc:
-        print(f"plugin-daemon: {folder}: {exc}", file=sys.stderr)
-        return 1
-    print(f"{path}: {decoded.identifier}")
-    return 0

@@ -8,8 +8,9 @@ Environment variable names follow upstream Dify's plugin daemon where it has one
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -141,8 +142,12 @@ class Settings(BaseSettings):
     max_plugin_package_size: int = Field(
         50 * 1024 * 1024, ge=1024, description="largest .difypkg upload, packed and unpacked"
     )
-    force_verifying_signature: bool = Field(
-        True, description="refuse packages without a verified signature (every package, here: see README)"
+    force_verifying_signature: bool = Field(True, description="refuse packages without a verified signature")
+    third_party_signature_verification_enabled: bool = Field(
+        False, description="trust the keys of THIRD_PARTY_SIGNATURE_VERIFICATION_PUBLIC_KEYS too"
+    )
+    third_party_signature_verification_public_keys: str = Field(
+        "", description="comma-separated PEM files of RSA public keys trusted besides Dify's official one"
     )
 
     # Hostile clients and operator events (README: "Security" and "Limits").
@@ -224,6 +229,24 @@ class Settings(BaseSettings):
     def _overrides(cls, value: str) -> str:
         limits.parse_overrides(value)  # raises with what is wrong
         return value
+
+    @model_validator(mode="after")
+    def _read_signature_keys(self) -> Settings:
+        """Read the key files once, now: a bad one stops the daemon at start, named."""
+        _ = self.signature_keys
+        return self
+
+    @cached_property
+    def signature_keys(self) -> tuple[Any, ...]:
+        """The RSA public keys a package signature may verify under (README: "Signatures")."""
+        from daemon.packages import signature
+
+        files = signature.key_files(self.third_party_signature_verification_public_keys)
+        enabled = self.third_party_signature_verification_enabled
+        try:
+            return signature.trusted_keys(files if enabled else ())
+        except signature.KeyFileError as exc:
+            raise ValueError(f"THIRD_PARTY_SIGNATURE_VERIFICATION_PUBLIC_KEYS: {exc}") from None
 
     @property
     def memory_limit_overrides(self) -> dict[str, int]:

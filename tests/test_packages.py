@@ -362,7 +362,7 @@ def test_an_unsigned_package_is_refused_by_default_and_when_verification_is_requ
     requested = refusal(upload(daemons["open"], data, verify_signature="true"), 400)
     assert "verify_signature was requested" in requested
     signed_looking = zipped(list(plugin_files().items()), comment=b'{"signature":"AAAA","time":1}')
-    assert "cannot verify signatures" in refusal(upload(daemons["strict"], signed_looking), 400)
+    assert "does not match its files" in refusal(upload(daemons["strict"], signed_looking), 400)
     identifier = build(PLUGINS / "notes", packages["notes"].with_name("again.difypkg"))[1].identifier
     # Nothing refused was kept.
     assert "not found" in refusal(

@@ -131,8 +131,9 @@ def open_zip(source: IO[bytes] | Path, limits: Limits) -> zipfile.ZipFile:
         raise PackageError(f"not a difypkg (zip) file: {exc}") from None
 
 
-def extract(archive: zipfile.ZipFile, found: list[Entry], dest: Path, limits: Limits) -> str:
-    """Write every file under ``dest`` (which must be new and empty); return upstream's checksum."""
+def extract(archive: zipfile.ZipFile, found: list[Entry], dest: Path, limits: Limits) -> dict[str, bytes]:
+    """Write every file under ``dest`` (which must be new and empty); each file's sha256 by name,
+    in archive order (what :func:`checksum` and the signature are computed from)."""
     hashes: dict[str, bytes] = {}
     written = 0
     for entry in found:
@@ -160,7 +161,7 @@ def extract(archive: zipfile.ZipFile, found: list[Entry], dest: Path, limits: Li
         except zlib.error as exc:
             raise PackageError(f"refused: {entry.name} is corrupt ({exc})") from None
         hashes[entry.name] = digest.digest()
-    return checksum(hashes)
+    return hashes
 
 
 def checksum(hashes: dict[str, bytes]) -> str:

@@ -6,21 +6,29 @@ plugin's virtualenv and bytecode (``.venv``, ``__pycache__``, ``*.pyc``) are nev
 symbolic link is refused rather than followed. The archive is deterministic (sorted names,
 fixed timestamps), so the same folder always gives the same bytes, and it is decoded again
 before it is written, so a folder the daemon would refuse is never packaged.
+
+Signed (``--sign KEY.pem``), the package is what upstream's signer makes: the files, then a
+fresh ``.verification.dify.json`` with the authorized category as the last entry (one in the
+folder is left out), and the signature over them all in the zip comment.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
 import pathspec
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from daemon.packages.archive import Limits, PackageError
 from daemon.packages.decode import Decoded, decode_into
+from daemon.packages.signature import VERIFICATION_FILE, claim_bytes, sign, trusted_keys
 
 ALWAYS_EXCLUDED = (".venv/", "__pycache__/", "*.pyc", ".git/", ".DS_Store")
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -68,25 +76,44 @@ def files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def pack(root: Path) -> bytes:
+def pack(root: Path, key: RSAPrivateKey | None = None, category: str = "community") -> bytes:
+    """The package's bytes; signed with ``key``, claiming ``category``, when one is given."""
+    contents = [(name, (root / name).read_bytes()) for name in files(root)]
+    if key is not None:
+        contents = [(name, data) for name, data in contents if name != VERIFICATION_FILE]
+        contents.append((VERIFICATION_FILE, claim_bytes(category)))
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name in files(root):
+        for name, data in contents:
             info = zipfile.ZipInfo(name, _EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = (stat.S_IFREG | 0o644) << 16
-            archive.writestr(info, (root / name).read_bytes())
+            archive.writestr(info, data)
+        if key is not None:
+            digests = (hashlib.sha256(data).digest() for _, data in contents)
+            archive.comment = sign(key, digests, int(time.time()))
     return buffer.getvalue()
 
 
-def build(root: Path, out: Path | None = None, limits: Limits | None = None) -> tuple[Path, Decoded]:
-    """Package ``root`` into ``out`` (default ``<name>-<version>.difypkg`` beside it)."""
+def build(
+    root: Path,
+    out: Path | None = None,
+    limits: Limits | None = None,
+    *,
+    key: RSAPrivateKey | None = None,
+    category: str = "community",
+) -> tuple[Path, Decoded]:
+    """Package ``root`` into ``out`` (default ``<name>-<version>.difypkg`` beside it), signed
+    with ``key`` if given (and then checked to verify under its public key)."""
     root = root.resolve()
     if not (root / "manifest.yaml").is_file():
         raise PackageError(f"{root} has no manifest.yaml: not a plugin folder")
-    data = pack(root)
+    data = pack(root, key, category)
+    keys = (*trusted_keys(), key.public_key()) if key is not None else None
     with tempfile.TemporaryDirectory() as scratch:
-        decoded = decode_into(io.BytesIO(data), Path(scratch) / "plugin", limits or Limits())
+        decoded = decode_into(io.BytesIO(data), Path(scratch) / "plugin", limits or Limits(), keys)
+    if key is not None and not decoded.signature.verified:
+        raise PackageError(f"the signed package does not verify: it {decoded.signature.problem}")
     if out is None:
         manifest = decoded.manifest
         out = root.parent / f"{manifest['name']}-{manifest['version']}.difypkg"

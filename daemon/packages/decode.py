@@ -13,14 +13,17 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
 from daemon.manifest import ManifestError, load_plugin
 from daemon.packages import archive, declaration
 from daemon.packages.archive import Limits, PackageError
-from daemon.packages.signature import Signature, read_signature, refusal
+from daemon.packages.signature import Signature, refusal, trusted_keys, verify
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,19 @@ class Decoded:
     signature: Signature
 
 
-def decode_into(source: IO[bytes] | Path, folder: Path, limits: Limits) -> Decoded:
-    """Check and extract ``source`` into ``folder`` (new, empty); what it declares."""
+def decode_into(
+    source: IO[bytes] | Path, folder: Path, limits: Limits, keys: Sequence[RSAPublicKey] | None = None
+) -> Decoded:
+    """Check and extract ``source`` into ``folder`` (new, empty); what it declares. Its signature
+    is checked against ``keys`` (default: the official key only)."""
     with archive.open_zip(source, limits) as zipped:
         found = archive.entries(zipped, limits)
-        checksum = archive.extract(zipped, found, folder, limits)
-        signature = read_signature(zipped)
+        hashes = archive.extract(zipped, found, folder, limits)
+        folders = len(found) < len(zipped.infolist())
+        comment = zipped.comment
+    checksum = archive.checksum(hashes)
+    trusted = trusted_keys() if keys is None else keys
+    signature = verify(comment, hashes, folders=folders, extracted=folder, keys=trusted)
     if not (folder / "manifest.yaml").is_file():
         raise PackageError("refused: the package has no manifest.yaml at its top level")
     try:
@@ -57,9 +67,10 @@ def _relative(message: str, folder: Path) -> str:
 class PackageStore:
     """Decoded packages by unique identifier, under ``root`` (``<state dir>/packages``)."""
 
-    def __init__(self, root: Path, limits: Limits) -> None:
+    def __init__(self, root: Path, limits: Limits, keys: Sequence[RSAPublicKey] | None = None) -> None:
         self.root = root
         self.limits = limits
+        self.keys = keys  # trusted signature keys; None: the official key only
         # Scratch folders of uploads a previous run was stopped in the middle of.
         for stale in root.glob(".upload-*") if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
@@ -76,7 +87,7 @@ class PackageStore:
         self.root.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
         try:
-            decoded = decode_into(upload, scratch / "plugin", self.limits)
+            decoded = decode_into(upload, scratch / "plugin", self.limits, self.keys)
             refused = refusal(decoded.signature, forced=forced, requested=requested)
             if refused is not None:
                 raise PackageError(refused)

@@ -39,7 +39,8 @@ def store(request: Request) -> PackageStore:
         limits = Limits(
             package_bytes=settings.max_plugin_package_size, unpacked_bytes=settings.max_plugin_package_size
         )
-        found = request.app.state.packages = PackageStore(settings.state_dir / "packages", limits)
+        root = settings.state_dir / "packages"
+        found = request.app.state.packages = PackageStore(root, limits, settings.signature_keys)
     return found
 
 
