@@ -24,6 +24,8 @@ from starlette.types import ASGIApp
 from daemon import __version__, access, dispatch, management, metrics, profiling, tracepage
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
+from daemon.endpoints import hook as endpoint_hook
+from daemon.endpoints import routes as endpoint_routes
 from daemon.entry import DaemonApp
 from daemon.invocation import Invocation, new_session
 from daemon.limits import BodyLimit, Budget
@@ -315,6 +317,13 @@ def create_app(
         Route(f"{PACKAGES}/fetch/manifest", package_routes.fetch_manifest, methods=["GET"]),
         Route(f"{PACKAGES}/fetch/readme", package_routes.fetch_readme, methods=["GET"]),
         Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
+        *(
+            Route(f"/plugin/{{tenant_id}}/endpoint/{path}", endpoint, methods=[method])
+            for path, method, endpoint in endpoint_routes.ROUTES
+        ),
+        # Public, as upstream: the hook id is the credential. HEAD comes with GET.
+        Route("/e/{hook_id}", endpoint_hook.invoke, methods=endpoint_hook.METHODS),
+        Route("/e/{hook_id}/{path:path}", endpoint_hook.invoke, methods=endpoint_hook.METHODS),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),

@@ -123,6 +123,7 @@ def remote_declaration(plugin: Any) -> Declared | None:
                 tools=sent.get("tools"),
                 models=sent.get("models"),
                 agent_strategies=sent.get("agent_strategies"),
+                endpoints=sent.get("endpoints"),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             log.error("remote plugin %s is left out of the management routes: %s", plugin.spec.id, exc)

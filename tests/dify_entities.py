@@ -7,7 +7,8 @@ Written here, field by field, from langgenius/dify:
 ``PluginInstallation``, ``PluginEntity``), ``api/core/plugin/entities/parameters.py``
 (``PluginParameter``), ``api/core/tools/entities/tool_entities.py`` (tool provider and tool
 entities), ``api/core/agent/plugin_entities.py`` (agent strategy entities),
-``api/core/entities/provider_entities.py`` (``ProviderConfig``) and the model runtime's
+``api/core/entities/provider_entities.py`` (``ProviderConfig``), ``api/core/plugin/entities/endpoint.py``
+(endpoints) and the model runtime's
 ``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``).
 Only what decides whether a response parses is kept: required fields, types, enums, patterns
 and the ``mode="before"`` validators that repair ``null``. A response these refuse is one Dify
@@ -439,6 +440,7 @@ class PluginDeclaration(BaseModel):
     tool: ToolProviderEntity | None = None  # the provider only: Dify does not parse its tools here
     model: ProviderEntity | None = None
     agent_strategy: AgentStrategyProviderEntity | None = None
+    endpoint: EndpointProviderDeclaration | None = None
     meta: DeclarationMeta
 
     @field_validator("version")
@@ -498,3 +500,44 @@ class PluginListResponse(BaseModel):
 
 class InstalledIds(BaseModel):
     plugin_ids: list[str]
+
+
+# ``api/core/plugin/entities/endpoint.py`` (over ``BasePluginEntity`` of ``base.py``): what
+# ``PluginEndpointClient.list_endpoints`` and ``list_endpoints_for_single_plugin`` parse.
+ENDPOINT_URL_TEMPLATE = "http://localhost:5002/e/{hook_id}"  # Dify's default setting
+
+
+class EndpointDeclaration(BaseModel):
+    path: str
+    method: str
+    hidden: bool = Field(default=False)
+
+
+class EndpointProviderDeclaration(BaseModel):
+    settings: list[ProviderConfig] = Field(default_factory=list)
+    endpoints: list[EndpointDeclaration] | None = Field(default_factory=list)
+
+
+class EndpointEntity(BaseModel):
+    id: str
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    settings: dict[str, Any]
+    tenant_id: str
+    plugin_id: str
+    expired_at: datetime.datetime
+    declaration: EndpointProviderDeclaration = Field(default_factory=EndpointProviderDeclaration)
+
+
+class EndpointEntityWithInstance(EndpointEntity):
+    name: str
+    enabled: bool
+    url: str
+    hook_id: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if "url" not in values:
+            values["url"] = ENDPOINT_URL_TEMPLATE.replace("{hook_id}", values["hook_id"])
+        return values

@@ -25,6 +25,7 @@ from tests.test_runtime import wait_for
 TOOLS = {"demo/text_toolkit", "demo/notes", "demo/fastproto"}
 MODELS = "demo/echo_models"
 AGENT = "demo/echo_agent"
+ENDPOINTS = "demo/echo_endpoints"
 REMOTE = "demo/notes_remote"
 
 
@@ -152,9 +153,12 @@ def test_agent_strategy_providers_parse_as_dify_reads_them(daemon: Daemon, clien
 def test_the_plugin_list_pages_and_parses_as_dify_reads_it(daemon: Daemon, client: httpx.Client) -> None:
     everything = plugin_list(daemon, client, "t1")
     ids = [p.plugin_id for p in everything.list]
-    assert set(ids) == TOOLS | {MODELS, AGENT} and everything.total == len(ids) == 5
+    assert set(ids) == TOOLS | {MODELS, AGENT, ENDPOINTS} and everything.total == len(ids) == 6
     categories = {p.plugin_id: p.declaration.category for p in everything.list}
     assert categories[MODELS] == "model" and categories[AGENT] == "agent-strategy"
+    assert categories[ENDPOINTS] == "extension"
+    group = next(p for p in everything.list if p.plugin_id == ENDPOINTS).declaration.endpoint
+    assert group is not None and [e.path for e in group.endpoints or []] == ["/echo", "/echo", "/stream"]
     assert {categories[t] for t in TOOLS} == {"tool"}
     toolkit = next(p for p in everything.list if p.plugin_id == "demo/text_toolkit")
     assert toolkit.runtime_type == "local" and toolkit.source == "package"
@@ -163,9 +167,9 @@ def test_the_plugin_list_pages_and_parses_as_dify_reads_it(daemon: Daemon, clien
     assert toolkit.declaration.tool is not None and toolkit.declaration.tool.identity.name == "text_toolkit"
 
     pages = [plugin_list(daemon, client, "t1", page=n, page_size=2) for n in (1, 2, 3, 4)]
-    assert [len(p.list) for p in pages] == [2, 2, 1, 0]
+    assert [len(p.list) for p in pages] == [2, 2, 2, 0]
     assert [p.plugin_id for page in pages for p in page.list] == ids
-    assert {p.total for p in pages} == {5}
+    assert {p.total for p in pages} == {6}
     # Installation ids are per tenant, and stable.
     other = plugin_list(daemon, client, "t2")
     assert {p.id for p in other.list}.isdisjoint({p.id for p in everything.list})

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from daemon.endpoints.store import create_table as endpoints_table
+
 log = logging.getLogger("daemon.state")
 
 # Any fixed 64-bit number: every daemon of this kind takes the same one.
@@ -61,6 +63,7 @@ def _plugin_storage(connection: sa.Connection) -> None:
 
 STEPS: list[Step] = [
     Step("0001_plugin_storage", _plugin_storage),
+    Step("0002_endpoints", endpoints_table),
 ]
 
 
