@@ -298,6 +298,10 @@ def create_app(settings: Settings, server_key: str, tracing: Tracing | None = No
             Route(f"/plugin/{{tenant_id}}/management/{path}", endpoint, methods=["GET"])
             for path, endpoint in management.ROUTES
         ),
+        *(
+            Route(f"/plugin/{{tenant_id}}/management/{path}", endpoint, methods=["POST"])
+            for path, endpoint in management.POST_ROUTES
+        ),
         Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
         Route(package_routes.UPLOAD_PATH, package_routes.upload_package, methods=["POST"]),
         Route(f"{PACKAGES}/decode/from_identifier", package_routes.decode_from_identifier, methods=["GET"]),
