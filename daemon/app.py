@@ -23,6 +23,7 @@ from starlette.types import ASGIApp
 from daemon import __version__, access, dispatch, management, metrics, profiling, tracepage
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
+from daemon.dispatch.answer import OneAnswer
 from daemon.entry import DaemonApp
 from daemon.invocation import Invocation, new_session
 from daemon.limits import BodyLimit, Budget
@@ -155,7 +156,8 @@ def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
             traced=daemon.tracing.enabled,
             write_timeout=settings.client_write_timeout,
         )
-        return daemon.drain.guard(session, invocation.response())  # type: ignore[return-value]
+        response = OneAnswer(invocation) if kind.framing == "json" else invocation.response()
+        return daemon.drain.guard(session, response)  # type: ignore[return-value]
 
     endpoint.__name__ = endpoint.__qualname__ = kind.action
     return endpoint
