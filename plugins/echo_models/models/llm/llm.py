@@ -40,6 +40,13 @@ def _count(messages: list[PromptMessage]) -> int:
     return sum(len(_text(m).split()) for m in messages)
 
 
+def _last_prompt(messages: list[PromptMessage]) -> str:
+    last = _text(messages[-1]) if messages else ""
+    if last == "raise rate limit":
+        raise EchoRateLimited("echo-llm allows no more requests now")
+    return last
+
+
 class EchoLLM(LargeLanguageModel):
     def _invoke(
         self,
@@ -52,9 +59,7 @@ class EchoLLM(LargeLanguageModel):
         stream: bool = True,
         user: str | None = None,
     ) -> LLMResult | Generator[LLMResultChunk, None, None]:
-        last = _text(prompt_messages[-1]) if prompt_messages else ""
-        if last == "raise rate limit":
-            raise EchoRateLimited("echo-llm allows no more requests now")
+        last = _last_prompt(prompt_messages)
         words = ["echo:", *last.split()]
         limit = int(model_parameters.get("max_tokens") or len(words))
         answer, finish = words[:limit], "stop" if len(words) <= limit else "length"
@@ -86,16 +91,9 @@ class EchoLLM(LargeLanguageModel):
         credentials: dict,
         prompt_messages: list[PromptMessage],
         model_parameters: dict,
-        tools: list[PromptMessageTool] | None = None,
-        stop: list[str] | None = None,
-        stream: bool = False,
-        user: str | None = None,
-        *,
-        json_schema: dict | None = None,
+        **_: object,
     ) -> LLMPollingResult:
-        last = _text(prompt_messages[-1]) if prompt_messages else ""
-        if last == "raise rate limit":
-            raise EchoRateLimited("echo-llm allows no more requests now")
+        last = _last_prompt(prompt_messages)
         if last.startswith("wait "):
             time.sleep(min(float(last.removeprefix("wait ")), 300.0))
         state = {"prompt": last, "prompt_tokens": _count(prompt_messages), "checks": 0}
