@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import hmac
@@ -34,7 +35,8 @@ from daemon.resources.monitor import ResourceMonitor
 from daemon.runtime import PluginUnavailable, Runtime
 from daemon.runtime.backwards import BackwardsServices
 from daemon.shutdown import Drain
-from daemon.storage import Storage
+from daemon.state import Database, PluginStorage
+from daemon.state.storage import import_legacy
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 from daemon.wire import get_codec, tool_request
 
@@ -45,12 +47,15 @@ PACKAGES = "/plugin/{tenant_id}/management"
 class Daemon:
     """What the routes need, built in the app's lifespan."""
 
-    def __init__(self, settings: Settings, server_key: str, tracing: Tracing) -> None:
+    def __init__(
+        self, settings: Settings, server_key: str, tracing: Tracing, database: Database | None = None
+    ) -> None:
         self.settings = settings
+        self.database = database
         self.server_key = server_key
         self.tracing = tracing
         self.codec = get_codec(settings.codec)
-        self.storage: Storage | None = None
+        self.storage: PluginStorage | None = None
         self.runtime: Runtime | None = None
         self._collector: RuntimeCollector | None = None
         self.drain = Drain(settings.server_shutdown_drain_timeout)
@@ -59,7 +64,11 @@ class Daemon:
         self.monitor: ResourceMonitor | None = None
 
     async def start(self) -> None:
-        self.storage = Storage(self.settings.storage_file)
+        if self.database is None:  # the CLI opens and migrates it before the port is served
+            self.database = Database.from_settings(self.settings)
+            await asyncio.to_thread(self.database.migrate)
+        await asyncio.to_thread(import_legacy, self.database, self.settings.legacy_storage_file)
+        self.storage = PluginStorage(self.database)
         try:
             specs, errors = discover(self.settings.plugins_dir, self.settings.validator_backend)
         except ManifestError as exc:
@@ -98,8 +107,8 @@ class Daemon:
             await self.runtime.stop()
         if self._collector is not None:
             metrics.REGISTRY.unregister(self._collector)
-        if self.storage is not None:
-            self.storage.close()
+        if self.database is not None:
+            await asyncio.to_thread(self.database.close)
         self.tracing.shutdown()
 
 
@@ -278,9 +287,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(BadRequest(exc.status_code, message))
 
 
-def create_app(settings: Settings, server_key: str, tracing: Tracing | None = None) -> Starlette:
+def create_app(
+    settings: Settings, server_key: str, tracing: Tracing | None = None, database: Database | None = None
+) -> Starlette:
     tracing = tracing or setup_tracing(settings.trace_ring_spans, ring_bytes=settings.trace_ring_bytes)
-    daemon = Daemon(settings, server_key, tracing)
+    daemon = Daemon(settings, server_key, tracing, database)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -24,6 +24,7 @@ from daemon.config import CodecName, Settings, ValidatorBackend, ValidatorDesign
 from daemon.install import InstallError, ensure_venv
 from daemon.manifest import ManifestError, discover
 from daemon.packages import commands as package_commands
+from daemon.state import Database, DatabaseError
 from daemon.validation import BackendUnavailable, check_backend
 
 log = logging.getLogger("daemon")
@@ -236,6 +237,21 @@ def bind(host: str, port: int) -> socket.socket:
         sys.exit(f"plugin-daemon: cannot listen on {host}:{port}: {reason or exc}")
 
 
+def open_database(settings: Settings) -> Database:
+    """The database, migrated; one that cannot be reached or migrated stops the start, said plainly."""
+    try:
+        database = Database.from_settings(settings)
+    except DatabaseError as exc:
+        sys.exit(f"plugin-daemon: {exc}")
+    try:
+        applied = database.migrate()
+    except DatabaseError as exc:
+        database.close()
+        sys.exit(f"plugin-daemon: {exc}")
+    log.info("database: %s%s", database.describe(), f" (migrated: {', '.join(applied)})" if applied else "")
+    return database
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -252,10 +268,11 @@ def serve(settings: Settings) -> None:
     key = server_key(settings)
     isolation.prepare_state_dir(settings.state_dir, settings.plugin_isolation)
     isolation.harden_daemon()
+    database = open_database(settings)
     sock = bind(settings.server_host, settings.server_port)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
-    app = create_app(settings, key)
+    app = create_app(settings, key, database=database)
     loop = settings.event_loop.value
     config = uvicorn.Config(
         app,

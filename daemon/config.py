@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from daemon.resources import limits
@@ -64,7 +65,9 @@ class Settings(BaseSettings):
         description="the API key callers send as X-Api-Key (default: generated, kept in STATE_DIR)",
     )
     plugins_dir: Path = Field(Path("plugins"), description="plugins directory, one plugin per subfolder")
-    state_dir: Path = Field(Path(".daemon-state"), description="generated key and storage database")
+    state_dir: Path = Field(
+        Path(".daemon-state"), description="generated key and the SQLite database (when DB_TYPE is sqlite)"
+    )
     validator: ValidatorDesign = Field(
         ValidatorDesign.OWNER, description="output validation design; none skips validation"
     )
@@ -182,6 +185,45 @@ class Settings(BaseSettings):
     )
     plugin_uid_base: int = Field(200_000, ge=1000, description="first uid of plugins' own uids")
 
+    # The database (README: "State and the database"); the names and defaults are upstream's.
+    db_type: Literal["sqlite", "postgresql"] | None = Field(
+        None, description="sqlite (a file in STATE_DIR) or postgresql; unset: postgresql when DB_HOST is set"
+    )
+    db_host: str | None = Field(None, min_length=1, description="PostgreSQL server's host")
+    db_port: int = Field(5432, ge=1, le=65535, description="PostgreSQL server's port")
+    db_username: str = Field("postgres", min_length=1, description="PostgreSQL user")
+    db_password: str | None = Field(None, description="PostgreSQL password (never logged)")
+    db_database: str = Field(
+        "dify_plugin", min_length=1, description="PostgreSQL database, shared by the daemons that use it"
+    )
+    db_default_database: str = Field(
+        "postgres", min_length=1, description="PostgreSQL database used to create DB_DATABASE when missing"
+    )
+    db_ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        "disable", description="libpq sslmode of the PostgreSQL connection"
+    )
+    db_max_open_conns: int = Field(30, ge=1, le=1000, description="PostgreSQL connections, at most")
+    db_max_idle_conns: int = Field(10, ge=0, description="PostgreSQL connections kept open when idle")
+    db_conn_max_lifetime: int = Field(
+        3600, ge=1, description="seconds before a PostgreSQL connection is replaced"
+    )
+
+    @model_validator(mode="after")
+    def _database(self) -> Settings:
+        if self.db_type == "postgresql" and not self.db_host:
+            message = "DB_TYPE=postgresql needs DB_HOST (the PostgreSQL server's host)"
+            raise PydanticCustomError("db_host", message)
+        return self
+
+    @property
+    def database_type(self) -> str:
+        """``sqlite`` or ``postgresql``: DB_TYPE, else postgresql exactly when DB_HOST is set."""
+        return self.db_type or ("postgresql" if self.db_host else "sqlite")
+
+    @property
+    def database_file(self) -> Path:
+        return self.state_dir / "state.sqlite3"
+
     @field_validator("plugin_memory_limits")
     @classmethod
     def _overrides(cls, value: str) -> str:
@@ -215,5 +257,6 @@ class Settings(BaseSettings):
         return self.state_dir / "server.key"
 
     @property
-    def storage_file(self) -> Path:
+    def legacy_storage_file(self) -> Path:
+        """Where older daemons kept plugin storage; imported into the database once."""
         return self.state_dir / "storage.sqlite3"

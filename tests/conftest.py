@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
+from daemon.config import Settings
+from daemon.state import Database
 from daemon.testing import PLUGINS, REPO, Daemon, copy_plugin, start_daemon
+from tests.postgres import PostgresServer
 
 SDK_PLUGINS = ("demo/text_toolkit", "demo/notes")
 
@@ -59,3 +62,32 @@ def sdk_daemon(sdk_plugins_installed: Path, tmp_path_factory: pytest.TempPathFac
     daemon.wait_ready(*SDK_PLUGINS, "demo/fastproto")
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server on loopback for the whole session; tests take a database each."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings for an empty database of each kind the daemon runs on (a new PostgreSQL database)."""
+    if request.param == "sqlite":
+        return Settings(state_dir=tmp_path / "state")
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return Settings(state_dir=tmp_path / "state", **server.env(server.create_database()))
+
+
+@pytest.fixture
+def database(database_settings: Settings) -> Iterator[Database]:
+    """A migrated, empty database of each kind the daemon runs on."""
+    db = Database.from_settings(database_settings)
+    db.migrate()
+    yield db
+    db.close()

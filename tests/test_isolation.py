@@ -59,7 +59,7 @@ def probe():
         "uid": os.getuid(),
         "environ": attempt(lambda: environ.append(open(f"/proc/{os.getppid()}/environ", "rb").read())),
         "key_file": attempt(lambda: open(config["state"] + "/server.key").read()),
-        "storage": attempt(lambda: open(config["state"] + "/storage.sqlite3", "rb").read()),
+        "storage": attempt(lambda: open(config["state"] + "/state.sqlite3", "rb").read()),
         "metrics": attempt(lambda: urllib.request.urlopen(config["url"] + "/metrics", timeout=10).read()),
     }
     report["key_in_environ"] = bool(environ) and config["key"].encode() in environ[0]

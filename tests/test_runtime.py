@@ -182,7 +182,7 @@ def test_backwards_calls_still_running_are_cancelled_when_their_session_ends(
     daemon = start(fastproto())
     daemon.wait_ready(FP)
     calls = 8
-    locker = sqlite3.connect(tmp_path / "state0" / "storage.sqlite3", isolation_level=None)
+    locker = sqlite3.connect(tmp_path / "state0" / "state.sqlite3", isolation_level=None)
 
     def in_flight() -> int:
         return sum(i["backwards_calls"] for i in daemon.plugins()[FP]["instances"])

@@ -25,7 +25,7 @@ from daemon.manifest import discover
 from daemon.runtime import PluginPool
 from daemon.runtime.backwards import BackwardsServices
 from daemon.session import Session
-from daemon.storage import Storage
+from daemon.state import Database, PluginStorage
 from daemon.testing import copy_plugin
 from daemon.wire import get_codec, tool_request
 
@@ -55,8 +55,10 @@ async def running_pool(
     copy_plugin("fastproto", plugins, fault)
     (spec,), _ = discover(plugins)
     settings = Settings(state_dir=tmp_path / "state", plugin_restart_backoff_max=0.5, **env)
-    storage = Storage(settings.storage_file)
-    pool = PluginPool(spec, settings=settings, codec=get_codec("orjson"), services=BackwardsServices(storage))
+    database = Database.from_settings(settings)
+    database.migrate()
+    services = BackwardsServices(PluginStorage(database))
+    pool = PluginPool(spec, settings=settings, codec=get_codec("orjson"), services=services)
     task = asyncio.create_task(pool.run())
     try:
         yield pool
@@ -67,7 +69,7 @@ async def running_pool(
         waits = [i.exited for i in pool.instances if i is not None]
         if waits:
             await asyncio.wait(waits, timeout=10)
-        storage.close()
+        database.close()
 
 
 async def until(predicate: Callable[[], Any]) -> Any:

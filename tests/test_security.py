@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from daemon.runtime.backwards import BackwardsServices
-from daemon.storage import Storage
+from daemon.state import Database, PluginStorage
 from daemon.testing import Daemon, copy_plugin, start_daemon
 from tests.test_runtime import FP
 
@@ -112,7 +112,7 @@ def test_the_server_key_never_reaches_the_log(secured: Daemon) -> None:
 
 def test_storage_is_isolated_per_tenant_and_per_plugin(secured: Daemon) -> None:
     """The same key, written by two plugins under two tenants, is four separate values."""
-    keys = ["plan", "../plan", "'; DROP TABLE kv; --", "ключ", "k" * 256]
+    keys = ["plan", "../plan", "'; DROP TABLE plugin_storage; --", "ключ", "k" * 256]
     for key in keys:
         for tenant in ("tenant-a", "tenant-b"):
             for plugin in (FP, SPY):
@@ -127,9 +127,10 @@ def test_storage_is_isolated_per_tenant_and_per_plugin(secured: Daemon) -> None:
         {"variable_name": "found", "variable_value": False, "stream": False},
         {"variable_name": "body", "variable_value": "", "stream": False},
     ]
-    db = sqlite3.connect(secured.log_path.parent / "state" / "storage.sqlite3")
+    db = sqlite3.connect(secured.log_path.parent / "state" / "state.sqlite3")
     try:
-        rows = db.execute("SELECT tenant, plugin, key, value FROM kv WHERE plugin IN (?, ?)", (FP, SPY))
+        query = "SELECT tenant_id, plugin_id, key, value FROM plugin_storage WHERE plugin_id IN (?, ?)"
+        rows = db.execute(query, (FP, SPY))
         stored = {(t, p, k): bytes(v).decode() for t, p, k, v in rows}
     finally:
         db.close()
@@ -141,17 +142,21 @@ def test_storage_is_isolated_per_tenant_and_per_plugin(secured: Daemon) -> None:
 
 def test_a_plugin_cannot_choose_the_namespace_it_writes_to(tmp_path: Path) -> None:
     """Tenant and plugin come from the session, never from what the plugin sends."""
-    services = BackwardsServices(Storage(tmp_path / "s.sqlite3"))
+    database = Database.sqlite(tmp_path / "s.sqlite3")
+    database.migrate()
+    storage = PluginStorage(database)
+    services = BackwardsServices(storage)
     request = {"opt": "set", "key": "k", "value": "01", "tenant_id": "victim", "plugin_id": "other/plugin"}
     invocation = {"type": "storage", "request": request, "tenant_id": "victim", "plugin_id": "other/plugin"}
     assert asyncio.run(services.handle("t1", "a/b", invocation)) == {"data": "ok"}
-    assert services.storage.get("t1", "a/b", "k") == b"\x01"
-    assert services.storage.get("victim", "other/plugin", "k") is None
+    assert asyncio.run(storage.get("t1", "a/b", "k")) == b"\x01"
+    assert asyncio.run(storage.get("victim", "other/plugin", "k")) is None
+    database.close()
 
 
 def test_the_storage_files_are_for_the_daemons_user_only(secured: Daemon) -> None:
     """Plugin data of every tenant lives there; the key file is 0600 for the same reason."""
     secured.invoke(FP, "plain", {"count": 0, "storage_key": "k"})  # the WAL files exist now
-    files = list((secured.log_path.parent / "state").glob("storage.sqlite3*"))
+    files = list((secured.log_path.parent / "state").glob("state.sqlite3*"))
     assert len(files) == 3  # the database, its -wal and its -shm
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o600" for f in files}

@@ -150,8 +150,9 @@ def test_20000_invocations_leak_nothing_and_lose_nothing(
         total = load_and_measure(daemon)
     finally:
         daemon.stop()
-    db = sqlite3.connect(state / "storage.sqlite3")
-    rows = {(t, p, k): bytes(v) for t, p, k, v in db.execute("SELECT tenant, plugin, key, value FROM kv")}
+    db = sqlite3.connect(state / "state.sqlite3")
+    query = "SELECT tenant_id, plugin_id, key, value FROM plugin_storage"
+    rows = {(t, p, k): bytes(v) for t, p, k, v in db.execute(query)}
     db.close()
     written = [i for i in range(total) if plan(i).tool == "plain"]
     assert len(written) == total // 5

@@ -8,7 +8,7 @@ amount of memory and time. When a session ends, for any reason, its calls still
 running are cancelled; nothing outlives its session.
 
 What each invocation type does is :class:`BackwardsServices`' business: only ``storage``
-is served (from :class:`daemon.storage.Storage`); every other type is refused at once,
+is served (from :class:`daemon.state.PluginStorage`); every other type is refused at once,
 so the plugin fails fast instead of waiting out the SDK's 250 s response timeout.
 """
 
@@ -26,7 +26,7 @@ from opentelemetry.trace import Status, StatusCode
 from daemon import wire
 from daemon.errors import SessionError
 from daemon.session import Session
-from daemon.storage import MAX_VALUE_BYTES, Storage
+from daemon.state import MAX_VALUE_BYTES, PluginStorage
 
 log = logging.getLogger("daemon.runtime")
 _tracer = trace.get_tracer("daemon.runtime")
@@ -43,7 +43,7 @@ class BackwardsError(Exception):
 
 
 class BackwardsServices:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: PluginStorage) -> None:
         self.storage = storage
 
     async def handle(self, tenant: str, plugin: str, invocation: Mapping[str, Any]) -> Any:
@@ -54,9 +54,9 @@ class BackwardsServices:
         request = invocation.get("request")
         if not isinstance(request, Mapping):
             raise BackwardsError("storage invocation without a request object")
-        return await asyncio.to_thread(self._storage, tenant, plugin, request)
+        return await self._storage(tenant, plugin, request)
 
-    def _storage(self, tenant: str, plugin: str, request: Mapping[str, Any]) -> Any:
+    async def _storage(self, tenant: str, plugin: str, request: Mapping[str, Any]) -> Any:
         opt, key = request.get("opt"), request.get("key")
         if not isinstance(key, str) or not key or len(key) > 256:
             raise BackwardsError("storage key must be a string of 1 to 256 characters")
@@ -70,17 +70,17 @@ class BackwardsServices:
                 raise BackwardsError("storage value must be a hex string")
             if len(raw) > MAX_VALUE_BYTES:
                 raise BackwardsError(f"storage value larger than {MAX_VALUE_BYTES} bytes")
-            self.storage.set(tenant, plugin, key, raw)
+            await self.storage.set(tenant, plugin, key, raw)
             return {"data": "ok"}
         if opt == "get":
-            found = self.storage.get(tenant, plugin, key)
+            found = await self.storage.get(tenant, plugin, key)
             if found is None:
                 raise BackwardsError(f"storage key {key!r} not found")
             return {"data": found.hex()}
         if opt == "exist":
-            return {"data": self.storage.get(tenant, plugin, key) is not None}
+            return {"data": await self.storage.exists(tenant, plugin, key)}
         if opt == "del":
-            self.storage.delete(tenant, plugin, key)
+            await self.storage.delete(tenant, plugin, key)
             return {"data": "ok"}
         raise BackwardsError(f"storage operation {opt!r} is not supported")
 
