@@ -9,7 +9,8 @@ Written here, field by field, from langgenius/dify:
 entities), ``api/core/agent/plugin_entities.py`` (agent strategy entities),
 ``api/core/entities/provider_entities.py`` (``ProviderConfig``), ``api/core/plugin/entities/endpoint.py``
 (endpoints) and the model runtime's
-``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``).
+``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``), and
+langgenius/graphon's ``llm_entities.py`` (``LLMPollingResult``, which Dify's model runtime uses).
 Only what decides whether a response parses is kept: required fields, types, enums, patterns
 and the ``mode="before"`` validators that repair ``null``. A response these refuse is one Dify
 refuses.
@@ -234,6 +235,7 @@ class ModelFeature(StrEnum):
     VIDEO = "video"
     AUDIO = "audio"
     STRUCTURED_OUTPUT = "structured-output"
+    POLLING = "polling"
 
 
 class ModelPropertyKey(StrEnum):
@@ -541,3 +543,37 @@ class EndpointEntityWithInstance(EndpointEntity):
         if "url" not in values:
             values["url"] = ENDPOINT_URL_TEMPLATE.replace("{hook_id}", values["hook_id"])
         return values
+
+
+class LLMPollingStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class LLMPollingResult(BaseModel):
+    """What a polling start or check answers (``LLMPollingResult`` in langgenius/graphon's
+    ``model_runtime/entities/llm_entities.py``, which Dify's model runtime uses). ``result`` is
+    an ``LLMResult``; only its required fields are checked here."""
+
+    status: LLMPollingStatus
+    plugin_state: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    next_check_after_seconds: int | None = Field(default=None, ge=1, strict=True)
+    expires_after_seconds: int | None = Field(default=None, ge=1, strict=True)
+    max_attempts: int | None = Field(default=None, ge=1, strict=True)
+
+    @model_validator(mode="after")
+    def _status_payload(self) -> LLMPollingResult:
+        if self.status == LLMPollingStatus.RUNNING and not self.plugin_state:
+            raise ValueError("plugin_state is required when polling status is running.")
+        if self.status == LLMPollingStatus.SUCCEEDED:
+            if self.result is None:
+                raise ValueError("result is required when polling status is succeeded.")
+            missing = {"model", "message", "usage"} - set(self.result)
+            if missing:
+                raise ValueError(f"the LLMResult lacks {sorted(missing)}")
+        if self.status == LLMPollingStatus.FAILED and not (self.error or "").strip():
+            raise ValueError("error is required when polling status is failed.")
+        return self

@@ -111,6 +111,39 @@ def test_one_tool_provider_and_a_missing_one(daemon: Daemon, client: httpx.Clien
         get(daemon, client, "t1", "tool", provider="notes")
 
 
+def check_existence(daemon: Daemon, client: httpx.Client, tenant: str, *ids: tuple[str, str]) -> list[bool]:
+    """``PluginInstaller.check_tools_existence``: a JSON body, then ``list[bool]``."""
+    url = f"{daemon.url}/plugin/{tenant}/management/tools/check_existence"
+    body = {"provider_ids": [{"plugin_id": p, "provider_name": n} for p, n in ids]}
+    data = dify.request(client, "POST", url, {"X-Api-Key": daemon.key}, json=body)
+    return TypeAdapter(list[bool]).validate_python(data)
+
+
+def test_tool_existence_is_answered_per_provider_in_order(daemon: Daemon, client: httpx.Client) -> None:
+    asked = [
+        ("demo/notes", "notes"),
+        ("demo/notes", "text_toolkit"),  # a provider of another plugin
+        ("demo/none", "notes"),
+        ("demo/text_toolkit", "text_toolkit"),
+        (MODELS, "echo_models"),  # a model provider is not a tool provider
+        ("demo/notes", "notes"),
+    ]
+    assert check_existence(daemon, client, "t1", *asked) == [True, False, False, True, False, True]
+    assert check_existence(daemon, client, "t1") == []
+
+
+def test_tool_existence_refuses_what_upstream_refuses(daemon: Daemon, client: httpx.Client) -> None:
+    url = f"{daemon.url}/plugin/t1/management/tools/check_existence"
+    key = {"X-Api-Key": daemon.key}
+    for body in ({}, {"provider_ids": [{"plugin_id": "demo/notes"}]}, {"provider_ids": "demo/notes"}):
+        with pytest.raises(dify.PluginDaemonClientSideError, match="provider_ids"):
+            dify.request(client, "POST", url, key, json=body)
+    with pytest.raises(dify.PluginDaemonClientSideError, match="malformed JSON"):
+        dify.request(client, "POST", url, {**key, "Content-Type": "application/json"}, content=b"{")
+    assert client.post(url, json={"provider_ids": []}).status_code == 401
+    assert client.get(url, headers=key).status_code == 405
+
+
 def test_model_providers_parse_as_dify_reads_them(daemon: Daemon, client: httpx.Client) -> None:
     data = get(daemon, client, "t1", "models", page=1, page_size=256)
     providers = TypeAdapter(list[dify_entities.PluginModelProviderEntity]).validate_python(data)
@@ -259,6 +292,8 @@ def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
         providers = {p.plugin_id: p for p in tool_providers(daemon, client, "tenant-a")}
         assert {t.identity.name for t in providers[REMOTE].declaration.tools} == yaml_names("notes", "tools")
         assert REMOTE not in {p.plugin_id for p in tool_providers(daemon, client, "tenant-b")}
+        assert check_existence(daemon, client, "tenant-a", (REMOTE, "notes")) == [True]
+        assert check_existence(daemon, client, "tenant-b", (REMOTE, "notes")) == [False]
         ids = get(daemon, client, "tenant-a", "installation/ids", category="tool")
         assert REMOTE in dify_entities.InstalledIds.model_validate(ids).plugin_ids
         assert (
