@@ -52,6 +52,9 @@ def variant_set(name: str, revision: str | None, steps: list[str] | None = None)
             RELAY_JSON,
             daemon_variant("daemon owner"),
             daemon_variant("daemon owner traced", tracing=True),
+            # What the schema check costs: the same daemon without it, and with the Rust backend.
+            daemon_variant("daemon none", validator="none"),
+            daemon_variant("daemon owner rs", backend="jsonschema-rs"),
         ],
         "tracing": [daemon_variant("tracing off"), daemon_variant("tracing on", tracing=True)],
         "tracing-aa": [

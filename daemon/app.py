@@ -24,6 +24,9 @@ from starlette.types import ASGIApp
 from daemon import __version__, access, dispatch, management, metrics, profiling, tracepage
 from daemon.config import Access, Settings
 from daemon.dispatch import KINDS, BadRequest, Kind
+from daemon.dispatch.answer import OneAnswer
+from daemon.endpoints import hook as endpoint_hook
+from daemon.endpoints import routes as endpoint_routes
 from daemon.entry import DaemonApp
 from daemon.installs import routes as installs
 from daemon.installs.runtimes import Installations
@@ -171,7 +174,8 @@ def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
             traced=daemon.tracing.enabled,
             write_timeout=settings.client_write_timeout,
         )
-        return daemon.drain.guard(session, invocation.response())  # type: ignore[return-value]
+        response = OneAnswer(invocation) if kind.framing == "json" else invocation.response()
+        return daemon.drain.guard(session, response)  # type: ignore[return-value]
 
     endpoint.__name__ = endpoint.__qualname__ = kind.action
     return endpoint
@@ -316,6 +320,10 @@ def create_app(
             Route(f"/plugin/{{tenant_id}}/management/{path}", endpoint, methods=["GET"])
             for path, endpoint in management.ROUTES
         ),
+        *(
+            Route(f"/plugin/{{tenant_id}}/management/{path}", endpoint, methods=["POST"])
+            for path, endpoint in management.POST_ROUTES
+        ),
         Route("/plugin/{tenant_id}/asset/{asset_id}", management.asset, methods=["GET"]),
         Route(package_routes.UPLOAD_PATH, package_routes.upload_package, methods=["POST"]),
         *(
@@ -326,6 +334,13 @@ def create_app(
         Route(f"{PACKAGES}/fetch/manifest", package_routes.fetch_manifest, methods=["GET"]),
         Route(f"{PACKAGES}/fetch/readme", package_routes.fetch_readme, methods=["GET"]),
         Route("/plugin/{tenant_id}/debugging/key", debugging_key, methods=["POST"]),
+        *(
+            Route(f"/plugin/{{tenant_id}}/endpoint/{path}", endpoint, methods=[method])
+            for path, method, endpoint in endpoint_routes.ROUTES
+        ),
+        # Public, as upstream: the hook id is the credential. HEAD comes with GET.
+        Route("/e/{hook_id}", endpoint_hook.invoke, methods=endpoint_hook.METHODS),
+        Route("/e/{hook_id}/{path:path}", endpoint_hook.invoke, methods=endpoint_hook.METHODS),
         Route("/health/check", health, methods=["GET"]),
         Route("/plugins", list_plugins, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),

@@ -351,6 +351,39 @@ def agent_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Ico
     }
 
 
+def _provider_config(c: Mapping[str, Any]) -> Json:
+    """A setting of an endpoint group (upstream's ``ProviderConfig``)."""
+    return {
+        "name": c.get("name"),
+        "type": c.get("type"),
+        "scope": c.get("scope"),
+        "required": bool(c.get("required")),
+        "default": c.get("default"),
+        "options": _options(c.get("options")),
+        "multiple": bool(c.get("multiple")),
+        "label": i18n(c.get("label"), str(c.get("name") or "")),
+        "help": _opt_i18n(c.get("help")),
+        "url": c.get("url"),
+        "placeholder": _opt_i18n(c.get("placeholder")),
+    }
+
+
+def endpoint_provider(group: Mapping[str, Any], reader: Reader | None) -> Json:
+    """An endpoint group (``EndpointProviderDeclaration``): its settings and its endpoints, each
+    ``{path, method, hidden}`` (read from the file it names, or as declared inline)."""
+    return {
+        "settings": [_provider_config(_map(c)) for c in _list(group.get("settings"))],
+        "endpoints": [
+            {
+                "path": str(e.get("path") or ""),
+                "method": str(e.get("method") or ""),
+                "hidden": bool(e.get("hidden")),
+            }
+            for e in _inline(group.get("endpoints"), reader)
+        ],
+    }
+
+
 def plugin_declaration(
     manifest: Mapping[str, Any],
     icon: Icon,
@@ -359,6 +392,7 @@ def plugin_declaration(
     tools: list[Any] | None = None,
     models: list[Any] | None = None,
     agent_strategies: list[Any] | None = None,
+    endpoints: list[Any] | None = None,
 ) -> Json:
     """The whole declaration. Providers come from the files the manifest names (``reader``) or,
     for a remote plugin, from the declarations its SDK sent (``tools``, ``models``, ...)."""
@@ -419,6 +453,9 @@ def plugin_declaration(
     )
     if agent_sources:
         out["agent_strategy"] = agent_provider(_map(agent_sources[-1]), reader, icon)
+    endpoint_sources = [reader.yaml(f) for f in out["plugins"]["endpoints"]] if reader else _list(endpoints)
+    if endpoint_sources:
+        out["endpoint"] = endpoint_provider(_map(endpoint_sources[-1]), reader)
     return out
 
 

@@ -31,7 +31,6 @@ from daemon.wire import Codec
 
 log = logging.getLogger(__name__)
 _tracer = spans.Tracer(__name__)
-_ENCODE_SECONDS = metrics.serialization_seconds.labels("encode")
 
 FINAL_EVENT_GRACE = 5.0
 _random_bits = random.Random().getrandbits  # seeded from os.urandom once
@@ -86,7 +85,8 @@ class Invocation:
             await self._relay_and_record(send_body, series, INVALID_SPAN)
             return
         session_span = _tracer.start_span("plugin.session", attributes=self._span_attributes())
-        with spans.activated(session_span) as span:
+        # Not made current: what runs under it (validation, backwards calls) is given its parent.
+        with spans.ending(session_span) as span:
             self.session.attach_trace(trace.set_span_in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
             spans.inject(self.request["context"], span)
@@ -115,11 +115,12 @@ class Invocation:
         self, send_body: SendBody, series: metrics.InvocationSeries, span: Span
     ) -> None:
         started = time.perf_counter()
-        series.active.inc()
+        active = series.active
+        active.count += 1
         try:
             await self._relay(send_body, started)
         finally:
-            series.active.dec()
+            active.count -= 1
             self._record(series, span, started)
 
     async def _relay(self, send_body: SendBody, started: float) -> None:
@@ -171,20 +172,27 @@ class Invocation:
         ended = time.perf_counter()
         outcome = metrics.outcome_label(self.outcome)
         # Exemplars tie a latency bucket to a trace (shown by Grafana, exposed in OpenMetrics).
-        exemplar = (
-            {"trace_id": format(span.get_span_context().trace_id, "032x")} if span.is_recording() else None
-        )
-        series.ended(outcome).inc()
-        series.duration.observe(ended - started, exemplar)
-        if self.first_event_at is not None:
-            series.time_to_first_event.observe(self.first_event_at - started, exemplar)
-        series.messages.inc(self.messages_out)
-        series.bytes_in.inc(session.bytes_in)
-        series.bytes_out.inc(self.bytes_out)
-        series.buffer_peak.observe(session.stream.peak_bytes)
-        _ENCODE_SECONDS.inc(self.encode_seconds)
+        exemplar = None
+        if span.is_recording():
+            trace_id = span.trace_id if type(span) is spans.LeanSpan else span.get_span_context().trace_id
+            exemplar = {"trace_id": format(trace_id, "032x")}
+        termination = None
         if self.outcome in (SLOW_CLIENT, TIMEOUT):
-            series.terminations["slow_client" if self.outcome == SLOW_CLIENT else "timeout"].inc()
+            termination = "slow_client" if self.outcome == SLOW_CLIENT else "timeout"
+        series.record(
+            metrics.SessionRecord(
+                outcome,
+                ended - started,
+                None if self.first_event_at is None else self.first_event_at - started,
+                self.messages_out,
+                session.bytes_in,
+                self.bytes_out,
+                session.stream.peak_bytes,
+                self.encode_seconds,
+                termination,
+                exemplar,
+            )
+        )
         if not span.is_recording():
             return
         span.set_attributes(

@@ -2,13 +2,15 @@
 
 Every plugin in the plugins directory counts as installed for every tenant: the daemon does
 not install per tenant. A remote-debug plugin counts for its key's tenant only, while it is
-connected. Served: ``management/list``, ``tools``, ``tool``, ``models``, ``agent_strategies``,
-``agent_strategy`` and ``installation/ids`` with upstream's parameters and shapes
-(``internal/service/manage_plugin.go`` in langgenius/dify-plugin-daemon), and ``asset/{id}``.
+connected. Served: ``management/list``, ``tools``, ``tool``, ``tools/check_existence``,
+``models``, ``agent_strategies``, ``agent_strategy`` and ``installation/ids`` with upstream's
+parameters and shapes (``internal/service/manage_plugin.go`` in langgenius/dify-plugin-daemon),
+and ``asset/{id}``.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -17,11 +19,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from daemon import declarations
-from daemon.dispatch import BadRequest, check_key, tenant_id
+from daemon.dispatch import BadRequest, check_key, parse, read_json, tenant_id
 from daemon.installs.store import Installation, rfc3339
 from daemon.manifest import ManifestError
 
@@ -140,6 +143,7 @@ def remote_declaration(plugin: Any) -> Declared | None:
                 tools=sent.get("tools"),
                 models=sent.get("models"),
                 agent_strategies=sent.get("agent_strategies"),
+                endpoints=sent.get("endpoints"),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             log.error("remote plugin %s is left out of the management routes: %s", plugin.spec.id, exc)
@@ -216,7 +220,8 @@ def _required(request: Request, *names: str) -> list[str]:
 
 
 def route(handler: Callable[[Request, Any, str], Any]) -> Callable[[Request], Any]:
-    """A management endpoint: the key, the tenant, then ``handler``'s data in upstream's envelope."""
+    """A management endpoint: the key, the tenant, then ``handler``'s data in upstream's envelope.
+    A coroutine ``handler`` (one that reads a body) is awaited."""
 
     async def endpoint(request: Request) -> Response:
         daemon = request.app.state.daemon
@@ -225,7 +230,8 @@ def route(handler: Callable[[Request, Any, str], Any]) -> Callable[[Request], An
             tenant = tenant_id(request)
             if daemon.runtime.installs is not None:
                 await daemon.runtime.installs.refresh(tenant)  # installed through another daemon
-            return success(handler(request, daemon.runtime, tenant))
+            data = handler(request, daemon.runtime, tenant)
+            return success(await data if inspect.isawaitable(data) else data)
         except BadRequest as exc:
             # Upstream answers "plugin not found" with HTTP 200 and code -404 (``ErrPluginNotFound``).
             status = 200 if exc.error_type == PLUGIN_NOT_FOUND else exc.status
@@ -315,6 +321,29 @@ list_agent_strategies = route(_listing("agent_strategy"))
 get_agent_strategy = route(_single("agent_strategy"))
 
 
+class ToolProviderId(BaseModel):
+    """One entry of ``tools/check_existence`` (upstream's ``RequestCheckToolExistence``)."""
+
+    model_config = ConfigDict(strict=True)
+    plugin_id: str = Field(min_length=1)
+    provider_name: str = Field(min_length=1)
+
+
+class CheckToolExistence(BaseModel):
+    model_config = ConfigDict(strict=True)
+    provider_ids: list[ToolProviderId]
+
+
+@route
+async def check_tools_existence(request: Request, runtime: Any, tenant: str) -> Any:
+    """``tools/check_existence``: one boolean per ``{plugin_id, provider_name}``, in order: does
+    the tenant have that plugin, and is that its tool provider (``CheckToolExistence``)."""
+    limit = request.app.state.daemon.settings.max_request_body_bytes
+    wanted = parse(CheckToolExistence, await read_json(request, limit))
+    have = {(p.plugin_id, _name("tool", provider)) for p, provider in _providers(runtime, tenant, "tool")}
+    return [(w.plugin_id, w.provider_name) in have for w in wanted.provider_ids]
+
+
 @route
 def installed_ids(request: Request, runtime: Any, tenant: str) -> Any:
     """``{"plugin_ids": [...]}`` of one category, as upstream answers it."""
@@ -361,3 +390,6 @@ ROUTES = (
     ("agent_strategies", list_agent_strategies),
     ("agent_strategy", get_agent_strategy),
 )
+
+# The ones upstream serves as POST (their question is a JSON body).
+POST_ROUTES = (("tools/check_existence", check_tools_existence),)

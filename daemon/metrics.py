@@ -8,9 +8,10 @@ error types all count as ``plugin_error``).
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,7 +38,17 @@ from daemon.errors import (
 )
 
 disable_created_metrics()  # the _created series only add noise to dashboards
-REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class _Registry(CollectorRegistry):
+    """Applies the sessions recorded since the last scrape before every collection."""
+
+    def collect(self) -> Iterable[Any]:
+        flush()
+        return super().collect()
+
+
+REGISTRY = _Registry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 
@@ -144,13 +155,86 @@ for design in ValidatorDesign:
 
 def register_plugin(plugin_id: str) -> None:
     """Create a plugin's series up front, so dashboards show zeros rather than gaps."""
-    invocations_active.labels(plugin_id)
+    _active(plugin_id)
     instance_restarts.labels(plugin_id)
     messages_relayed.labels(plugin_id)
     for direction in ("in", "out"):
         bytes_relayed.labels(plugin_id, direction)
     for reason in TERMINATIONS:
         session_terminations.labels(plugin_id, reason)
+
+
+class SessionRecord(NamedTuple):
+    """What one ended session adds to its operation's series."""
+
+    outcome: str  # a label from :func:`outcome_label`
+    duration: float
+    time_to_first_event: float | None
+    messages: int
+    bytes_in: int
+    bytes_out: int
+    buffer_peak: int
+    encode_seconds: float
+    termination: str | None  # one of TERMINATIONS, if the daemon ended the session
+    exemplar: dict[str, str] | None
+
+
+# Sessions ended since the last flush. Each Prometheus update takes a lock and walks its
+# buckets; an invocation made about ten of them on the request path. A session is now one
+# append here, and the series are brought up to date at every scrape (and every
+# ``FLUSH_EVERY`` sessions, which bounds this queue), counters summed once per batch.
+_pending: collections.deque[tuple[InvocationSeries, SessionRecord]] = collections.deque()
+FLUSH_EVERY = 256
+
+
+def flush() -> None:
+    """Apply the recorded sessions to their series (any thread; each record is applied once)."""
+    sums: dict[InvocationSeries, list[Any]] = {}
+    pop = _pending.popleft
+    while True:
+        try:
+            series, record = pop()
+        except IndexError:
+            break
+        total = sums.get(series)
+        if total is None:
+            total = sums[series] = [collections.Counter(), 0, 0, 0, 0.0, collections.Counter()]
+        total[0][record.outcome] += 1
+        total[1] += record.messages
+        total[2] += record.bytes_in
+        total[3] += record.bytes_out
+        total[4] += record.encode_seconds
+        if record.termination is not None:
+            total[5][record.termination] += 1
+        series.duration.observe(record.duration, record.exemplar)
+        if record.time_to_first_event is not None:
+            series.time_to_first_event.observe(record.time_to_first_event, record.exemplar)
+        series.buffer_peak.observe(record.buffer_peak)
+    for series, (outcomes, messages, bytes_in, bytes_out, encode, terminations) in sums.items():
+        for outcome, count in outcomes.items():
+            series.ended(outcome).inc(count)
+        series.messages.inc(messages)
+        series.bytes_in.inc(bytes_in)
+        series.bytes_out.inc(bytes_out)
+        _ENCODE_SECONDS.inc(encode)
+        for reason, count in terminations.items():
+            series.terminations[reason].inc(count)
+
+
+_ENCODE_SECONDS = serialization_seconds.labels("encode")
+
+
+class _Active:
+    """A plugin's invocations in flight: a plain count on the loop thread, read at scrape time."""
+
+    def __init__(self, plugin_id: str) -> None:
+        self.count = 0
+        invocations_active.labels(plugin_id).set_function(lambda: self.count)
+
+
+@functools.cache
+def _active(plugin_id: str) -> _Active:
+    return _Active(plugin_id)
 
 
 class InvocationSeries:
@@ -162,7 +246,7 @@ class InvocationSeries:
 
     def __init__(self, plugin_id: str, operation: str) -> None:
         self._plugin_id, self._operation = plugin_id, operation
-        self.active = invocations_active.labels(plugin_id)
+        self.active = _active(plugin_id)
         self.duration = invocation_duration.labels(plugin_id, operation)
         self.time_to_first_event = time_to_first_event.labels(plugin_id)
         self.messages = messages_relayed.labels(plugin_id)
@@ -178,6 +262,12 @@ class InvocationSeries:
         if child is None:
             child = self._ended[outcome] = invocations_total.labels(self._plugin_id, self._operation, outcome)
         return child
+
+    def record(self, record: SessionRecord) -> None:
+        """Count an ended session (applied at the next scrape or flush)."""
+        _pending.append((self, record))
+        if len(_pending) >= FLUSH_EVERY:
+            flush()
 
 
 @functools.cache

@@ -1,9 +1,10 @@
 """One tool invocation in flight: the stream from the reader to the request's task.
 
-The producer side (``deliver``, ``finish``, ``fail``) is called by the instance's
-reader thread; ``close`` may also be called by the HTTP layer (client gone) and by
-timeouts. The consumer side (``batches``) runs in the request's own task and is the
-only place that applies output variables.
+The producer side (``deliver``, ``finish``, ``fail``) is called by the instance's stdout
+reader, a callback on the event loop; ``close`` may also be called by the HTTP layer (client
+gone), by timeouts, and from other threads (an instance's end, which fails its sessions).
+The consumer side (``batches``) runs in the request's own task and is the only place that
+applies output variables.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Session:
         self.variables = variables
         self.stream: Stream[Any] = Stream(loop, buffer_bytes, budget)
         self.trace_context: Context | None = None  # the session span, for work on other threads
-        self.decode_seconds = 0.0  # accumulated by the reader thread
+        self.decode_seconds = 0.0  # accumulated by the reader
         self.close_failure: BaseException | None = None
         self._overflow_logged = False
         self.bytes_in = 0
@@ -62,7 +63,7 @@ class Session:
         if self.variables is not None:
             self.variables.trace_context = context
 
-    # -- producer side: the reader thread, the HTTP layer, timeouts ---------------
+    # -- producer side: the reader, the HTTP layer, timeouts ----------------------
 
     def deliver(self, messages: list[Any], nbytes: int) -> None:
         if self.first_message_at is None:

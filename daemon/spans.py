@@ -157,6 +157,7 @@ class LeanSpan(trace.Span):
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         limits = self._tracer.limits
         length, kept = limits.value_length, self.attributes
+        full = len(kept) + len(attributes) > limits.count  # else no key can be over the count
         for key, value in attributes.items():
             kind = type(value)
             if kind is str:
@@ -167,7 +168,7 @@ class LeanSpan(trace.Span):
                 if value is None:
                     log.debug("span attribute %s dropped: %s is not a valid value", key, kind.__name__)
                     continue
-            if len(kept) >= limits.count and key not in kept:
+            if full and len(kept) >= limits.count and key not in kept:
                 continue
             kept[key] = value
 
@@ -258,7 +259,7 @@ class LeanSpan(trace.Span):
 class _Current:
     """``start_as_current_span``'s context manager, as a class: cheaper than a generator."""
 
-    __slots__ = ("_context", "_end_on_exit", "_record", "_set_status", "_span", "_token")
+    __slots__ = ("_attach", "_context", "_end_on_exit", "_record", "_set_status", "_span", "_token")
 
     def __init__(
         self, span: trace.Span, context: context_api.Context | None, end: bool, record: bool, status: bool
@@ -268,13 +269,16 @@ class _Current:
         self._end_on_exit = end
         self._record = record
         self._set_status = status
+        self._attach = True
 
     def __enter__(self) -> trace.Span:
-        self._token = context_api.attach(trace.set_span_in_context(self._span, self._context))
+        if self._attach:
+            self._token = context_api.attach(trace.set_span_in_context(self._span, self._context))
         return self._span
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        context_api.detach(self._token)
+        if self._attach:
+            context_api.detach(self._token)
         span = self._span
         if isinstance(exc, Exception) and span.is_recording():
             if self._record:
@@ -310,6 +314,17 @@ def activated(span: trace.Span) -> _Current:
     """Make ``span`` current for a ``with`` block and end it after; what ``use_span`` does,
     without the generator-based context manager the API wraps it in."""
     return _Current(span, None, True, True, True)
+
+
+def ending(span: trace.Span) -> _Current:
+    """End ``span`` after a ``with`` block, as :func:`activated` does, without making it current.
+
+    For a span whose children are given their parent explicitly: a context attached and
+    detached per span is a copy of the context and two context-variable writes.
+    """
+    current = _Current(span, None, True, True, True)
+    current._attach = False
+    return current
 
 
 class Tracer:

@@ -76,14 +76,16 @@ def _plain(span: ReadableSpan) -> tuple[Any, ...]:
 
 
 def _size(fields: tuple[Any, ...]) -> int:
-    """Roughly the bytes a kept span holds: its strings, plus a fixed cost per field and attribute."""
-    size = 400 + len(fields[0]) + len(fields[8])
-    for key, value in fields[9]:
-        size += 120 + len(key)
-        if isinstance(value, str):
+    """Roughly the bytes a kept span holds: its strings, plus a fixed cost per field and attribute
+    (keys are the daemon's own short names, counted in that fixed cost)."""
+    attributes = fields[9]
+    size = 400 + len(fields[0]) + len(fields[8]) + 150 * len(attributes)
+    for _, value in attributes:
+        kind = type(value)
+        if kind is str:
             size += len(value)
-        elif isinstance(value, tuple):
-            size += sum(len(v) + 56 if isinstance(v, str) else 32 for v in value)
+        elif kind is tuple:
+            size += sum(len(v) + 56 if type(v) is str else 32 for v in value)
     return size
 
 

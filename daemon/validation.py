@@ -299,7 +299,7 @@ class OutputVariables:
     """One session's variables under one design. Subclasses pick the design.
 
     ``apply`` is called by the consumer for each variable message, ``on_close`` by
-    whoever closes the session (reader thread, HTTP layer, timeout), and
+    whoever closes the session (the reader, HTTP layer, timeout), and
     ``on_end_reached`` by the consumer when it reaches the clean end of the stream.
     The last two return/record the verdict: None for "valid", else a message.
     """
@@ -331,7 +331,7 @@ class OutputVariables:
         if self.trace_context is None:
             self._check()
             return
-        with _tracer.start_as_current_span("output.validate", context=self.trace_context) as span:
+        with spans.ending(_tracer.start_span("output.validate", context=self.trace_context)) as span:
             count = self._check()
             if span.is_recording():
                 span.set_attributes(

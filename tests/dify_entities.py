@@ -9,8 +9,10 @@ Written here, field by field, from langgenius/dify:
 ``api/core/plugin/entities/parameters.py`` (``PluginParameter``),
 ``api/core/tools/entities/tool_entities.py`` (tool provider and tool entities),
 ``api/core/agent/plugin_entities.py`` (agent strategy entities),
-``api/core/entities/provider_entities.py`` (``ProviderConfig``) and the model runtime's
-``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``).
+``api/core/entities/provider_entities.py`` (``ProviderConfig``), ``api/core/plugin/entities/endpoint.py``
+(endpoints) and the model runtime's
+``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``), and
+langgenius/graphon's ``llm_entities.py`` (``LLMPollingResult``, which Dify's model runtime uses).
 Only what decides whether a response parses is kept: required fields, types, enums, patterns
 and the ``mode="before"`` validators that repair ``null``. A response these refuse is one Dify
 refuses.
@@ -235,6 +237,7 @@ class ModelFeature(StrEnum):
     VIDEO = "video"
     AUDIO = "audio"
     STRUCTURED_OUTPUT = "structured-output"
+    POLLING = "polling"
 
 
 class ModelPropertyKey(StrEnum):
@@ -441,6 +444,7 @@ class PluginDeclaration(BaseModel):
     tool: ToolProviderEntity | None = None  # the provider only: Dify does not parse its tools here
     model: ProviderEntity | None = None
     agent_strategy: AgentStrategyProviderEntity | None = None
+    endpoint: EndpointProviderDeclaration | None = None
     meta: DeclarationMeta
 
     @field_validator("version")
@@ -556,3 +560,78 @@ class PluginInstallTask(BasePluginEntity):
 class PluginInstallTaskStartResponse(BaseModel):
     all_installed: bool
     task_id: str
+
+
+# ``api/core/plugin/entities/endpoint.py`` (over ``BasePluginEntity`` of ``base.py``): what
+# ``PluginEndpointClient.list_endpoints`` and ``list_endpoints_for_single_plugin`` parse.
+ENDPOINT_URL_TEMPLATE = "http://localhost:5002/e/{hook_id}"  # Dify's default setting
+
+
+class EndpointDeclaration(BaseModel):
+    path: str
+    method: str
+    hidden: bool = Field(default=False)
+
+
+class EndpointProviderDeclaration(BaseModel):
+    settings: list[ProviderConfig] = Field(default_factory=list)
+    endpoints: list[EndpointDeclaration] | None = Field(default_factory=list)
+
+
+class EndpointEntity(BaseModel):
+    id: str
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    settings: dict[str, Any]
+    tenant_id: str
+    plugin_id: str
+    expired_at: datetime.datetime
+    declaration: EndpointProviderDeclaration = Field(default_factory=EndpointProviderDeclaration)
+
+
+class EndpointEntityWithInstance(EndpointEntity):
+    name: str
+    enabled: bool
+    url: str
+    hook_id: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url(cls, values: dict[str, Any]) -> dict[str, Any]:
+        if "url" not in values:
+            values["url"] = ENDPOINT_URL_TEMPLATE.replace("{hook_id}", values["hook_id"])
+        return values
+
+
+class LLMPollingStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class LLMPollingResult(BaseModel):
+    """What a polling start or check answers (``LLMPollingResult`` in langgenius/graphon's
+    ``model_runtime/entities/llm_entities.py``, which Dify's model runtime uses). ``result`` is
+    an ``LLMResult``; only its required fields are checked here."""
+
+    status: LLMPollingStatus
+    plugin_state: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    next_check_after_seconds: int | None = Field(default=None, ge=1, strict=True)
+    expires_after_seconds: int | None = Field(default=None, ge=1, strict=True)
+    max_attempts: int | None = Field(default=None, ge=1, strict=True)
+
+    @model_validator(mode="after")
+    def _status_payload(self) -> LLMPollingResult:
+        if self.status == LLMPollingStatus.RUNNING and not self.plugin_state:
+            raise ValueError("plugin_state is required when polling status is running.")
+        if self.status == LLMPollingStatus.SUCCEEDED:
+            if self.result is None:
+                raise ValueError("result is required when polling status is succeeded.")
+            missing = {"model", "message", "usage"} - set(self.result)
+            if missing:
+                raise ValueError(f"the LLMResult lacks {sorted(missing)}")
+        if self.status == LLMPollingStatus.FAILED and not (self.error or "").strip():
+            raise ValueError("error is required when polling status is failed.")
+        return self

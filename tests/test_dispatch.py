@@ -14,6 +14,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from daemon import dispatch
 from daemon.dispatch import BadRequest
@@ -413,8 +414,53 @@ def test_the_request_parser_accepts_or_names_what_was_wrong(body: Any) -> None:
                 assert exc.errors and all(e["field"] and e["problem"] for e in exc.errors)
                 assert exc.message.startswith("invalid request body: ")
         else:
-            assert isinstance(parsed, model) and isinstance(body, dict)
+            assert isinstance(body, dict)
+            # Checked by hand or by the model, a request is read as the model reads it.
+            expected = model.model_validate(body)
+            assert parsed.data.model_dump() == expected.data.model_dump()
+            assert (parsed.data.provider, getattr(parsed.data, "tool", None)) == (
+                expected.data.provider,
+                getattr(expected.data, "tool", None),
+            )
+            for field in ("user_id", "conversation_id", "message_id", "app_id", "endpoint_id", "context"):
+                assert getattr(parsed, field) == getattr(expected, field)
 
 
 def test_no_request_in_this_module_produced_a_server_error(daemon: Daemon) -> None:
     assert "Traceback" not in daemon.log() and " 500 " not in daemon.log()
+
+
+def _tool_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"user_id": "u", "data": {"provider": "p", "tool": "t", "tool_parameters": {}}}
+    for key, value in changes.items():
+        if key.startswith("data_"):
+            body["data"][key.removeprefix("data_")] = value
+        else:
+            body[key] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"data_provider": ""},
+        {"data_tool": "x" * 257},
+        {"data_provider": 1},
+        {"user_id": "u" * 257},
+        {"user_id": 7},
+        {"conversation_id": 1},
+        {"context": []},
+        {"data_tool_parameters": []},
+        {"data_credentials": "k"},
+        {"data_credential_type": 1},
+        {"data": None},
+    ],
+)
+def test_a_tool_request_the_model_refuses_is_refused_with_the_models_words(changes: dict[str, Any]) -> None:
+    body = _tool_body(**changes)
+    with pytest.raises(BadRequest) as refused:
+        dispatch.parse(dispatch.InvokeToolRequest, body)
+    with pytest.raises(ValidationError) as model_says:
+        dispatch.InvokeToolRequest.model_validate(body)
+    assert refused.value.status == 422
+    assert [e["problem"] for e in refused.value.errors or []] == [e["msg"] for e in model_says.value.errors()]

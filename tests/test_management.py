@@ -25,6 +25,7 @@ from tests.test_runtime import wait_for
 TOOLS = {"demo/text_toolkit", "demo/notes", "demo/fastproto"}
 MODELS = "demo/echo_models"
 AGENT = "demo/echo_agent"
+ENDPOINTS = "demo/echo_endpoints"
 REMOTE = "demo/notes_remote"
 
 
@@ -110,6 +111,39 @@ def test_one_tool_provider_and_a_missing_one(daemon: Daemon, client: httpx.Clien
         get(daemon, client, "t1", "tool", provider="notes")
 
 
+def check_existence(daemon: Daemon, client: httpx.Client, tenant: str, *ids: tuple[str, str]) -> list[bool]:
+    """``PluginInstaller.check_tools_existence``: a JSON body, then ``list[bool]``."""
+    url = f"{daemon.url}/plugin/{tenant}/management/tools/check_existence"
+    body = {"provider_ids": [{"plugin_id": p, "provider_name": n} for p, n in ids]}
+    data = dify.request(client, "POST", url, {"X-Api-Key": daemon.key}, json=body)
+    return TypeAdapter(list[bool]).validate_python(data)
+
+
+def test_tool_existence_is_answered_per_provider_in_order(daemon: Daemon, client: httpx.Client) -> None:
+    asked = [
+        ("demo/notes", "notes"),
+        ("demo/notes", "text_toolkit"),  # a provider of another plugin
+        ("demo/none", "notes"),
+        ("demo/text_toolkit", "text_toolkit"),
+        (MODELS, "echo_models"),  # a model provider is not a tool provider
+        ("demo/notes", "notes"),
+    ]
+    assert check_existence(daemon, client, "t1", *asked) == [True, False, False, True, False, True]
+    assert check_existence(daemon, client, "t1") == []
+
+
+def test_tool_existence_refuses_what_upstream_refuses(daemon: Daemon, client: httpx.Client) -> None:
+    url = f"{daemon.url}/plugin/t1/management/tools/check_existence"
+    key = {"X-Api-Key": daemon.key}
+    for body in ({}, {"provider_ids": [{"plugin_id": "demo/notes"}]}, {"provider_ids": "demo/notes"}):
+        with pytest.raises(dify.PluginDaemonClientSideError, match="provider_ids"):
+            dify.request(client, "POST", url, key, json=body)
+    with pytest.raises(dify.PluginDaemonClientSideError, match="malformed JSON"):
+        dify.request(client, "POST", url, {**key, "Content-Type": "application/json"}, content=b"{")
+    assert client.post(url, json={"provider_ids": []}).status_code == 401
+    assert client.get(url, headers=key).status_code == 405
+
+
 def test_model_providers_parse_as_dify_reads_them(daemon: Daemon, client: httpx.Client) -> None:
     data = get(daemon, client, "t1", "models", page=1, page_size=256)
     providers = TypeAdapter(list[dify_entities.PluginModelProviderEntity]).validate_python(data)
@@ -152,9 +186,12 @@ def test_agent_strategy_providers_parse_as_dify_reads_them(daemon: Daemon, clien
 def test_the_plugin_list_pages_and_parses_as_dify_reads_it(daemon: Daemon, client: httpx.Client) -> None:
     everything = plugin_list(daemon, client, "t1")
     ids = [p.plugin_id for p in everything.list]
-    assert set(ids) == TOOLS | {MODELS, AGENT} and everything.total == len(ids) == 5
+    assert set(ids) == TOOLS | {MODELS, AGENT, ENDPOINTS} and everything.total == len(ids) == 6
     categories = {p.plugin_id: p.declaration.category for p in everything.list}
     assert categories[MODELS] == "model" and categories[AGENT] == "agent-strategy"
+    assert categories[ENDPOINTS] == "extension"
+    group = next(p for p in everything.list if p.plugin_id == ENDPOINTS).declaration.endpoint
+    assert group is not None and [e.path for e in group.endpoints or []] == ["/echo", "/echo", "/stream"]
     assert {categories[t] for t in TOOLS} == {"tool"}
     toolkit = next(p for p in everything.list if p.plugin_id == "demo/text_toolkit")
     assert toolkit.runtime_type == "local" and toolkit.source == "package"
@@ -163,9 +200,9 @@ def test_the_plugin_list_pages_and_parses_as_dify_reads_it(daemon: Daemon, clien
     assert toolkit.declaration.tool is not None and toolkit.declaration.tool.identity.name == "text_toolkit"
 
     pages = [plugin_list(daemon, client, "t1", page=n, page_size=2) for n in (1, 2, 3, 4)]
-    assert [len(p.list) for p in pages] == [2, 2, 1, 0]
+    assert [len(p.list) for p in pages] == [2, 2, 2, 0]
     assert [p.plugin_id for page in pages for p in page.list] == ids
-    assert {p.total for p in pages} == {5}
+    assert {p.total for p in pages} == {6}
     # Installation ids are per tenant, and stable.
     other = plugin_list(daemon, client, "t2")
     assert {p.id for p in other.list}.isdisjoint({p.id for p in everything.list})
@@ -255,6 +292,8 @@ def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
         providers = {p.plugin_id: p for p in tool_providers(daemon, client, "tenant-a")}
         assert {t.identity.name for t in providers[REMOTE].declaration.tools} == yaml_names("notes", "tools")
         assert REMOTE not in {p.plugin_id for p in tool_providers(daemon, client, "tenant-b")}
+        assert check_existence(daemon, client, "tenant-a", (REMOTE, "notes")) == [True]
+        assert check_existence(daemon, client, "tenant-b", (REMOTE, "notes")) == [False]
         ids = get(daemon, client, "tenant-a", "installation/ids", category="tool")
         assert REMOTE in dify_entities.InstalledIds.model_validate(ids).plugin_ids
         assert (

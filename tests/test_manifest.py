@@ -27,6 +27,7 @@ def test_the_bundled_plugins_load_with_their_output_schemas() -> None:
         "demo/notes",
         "demo/echo_models",
         "demo/echo_agent",
+        "demo/echo_endpoints",
     }
     assert by_id["demo/echo_models"].providers == {}  # models and strategies are served, not parsed
     fast = by_id["demo/fastproto"].providers["fastproto"]

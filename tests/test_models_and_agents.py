@@ -13,6 +13,8 @@ import pytest
 
 from daemon.testing import PLUGINS, Daemon
 from tests import dify_client as dify
+from tests import dify_entities
+from tests.test_runtime import wait_for
 
 MODELS = "demo/echo_models"
 AGENT = "demo/echo_agent"
@@ -72,6 +74,82 @@ def test_a_rate_limited_model_is_the_error_class_dify_maps_it_to(
     with pytest.raises(dify.ModelInvokeError) as caught:
         call(daemon, client, MODELS, "llm/invoke", llm("raise rate limit"))
     assert caught.value.error_type == "InvokeRateLimitError"
+
+
+def poll(daemon: Daemon, client: httpx.Client, route: str, data: dict[str, Any]) -> Any:
+    """A polling call as Dify makes it: one JSON answer, parsed as graphon's ``LLMPollingResult``."""
+    url = f"{daemon.url}/plugin/t1/dispatch/model/polling/{route}"
+    body = {"user_id": "u1", "data": data}
+    answer = dify.request(client, "POST", url, daemon.headers(MODELS), json=body)
+    return dify_entities.LLMPollingResult.model_validate(answer)
+
+
+def start(text: str) -> dict[str, Any]:
+    return {**llm(text), "stream": False}  # the SDK's polling request takes only False
+
+
+def check(state: dict[str, Any] | None) -> dict[str, Any]:
+    fields = {"provider": "echo_models", "model": "echo-llm", "model_type": "llm", "credentials": {}}
+    return {**fields, "plugin_state": state}
+
+
+def test_an_llm_answers_by_polling(daemon: Daemon, client: httpx.Client) -> None:
+    started = poll(daemon, client, "start", start("hello big world"))
+    assert started.status == "running" and started.next_check_after_seconds == 1
+    first = poll(daemon, client, "check", check(started.plugin_state))
+    assert first.status == "running" and first.plugin_state is not None
+    done = poll(daemon, client, "check", check(first.plugin_state))
+    assert done.status == "succeeded" and done.result is not None
+    assert done.result["message"]["content"] == "echo: hello big world"
+    assert done.result["usage"]["prompt_tokens"] == 3 and done.result["usage"]["completion_tokens"] == 4
+
+
+def test_a_failed_polling_is_an_answer_and_a_raising_model_an_http_500(
+    daemon: Daemon, client: httpx.Client
+) -> None:
+    started = poll(daemon, client, "start", start("fail"))
+    failed = poll(daemon, client, "check", check(started.plugin_state))
+    assert failed.status == "failed" and failed.error == "echo-llm gave up on this prompt"
+
+    # As upstream: HTTP 500 with the stream's error envelope (Dify raises on the status).
+    url = f"{daemon.url}/plugin/t1/dispatch/model/polling/start"
+    body = {"user_id": "u1", "data": start("raise rate limit")}
+    with pytest.raises(dify.PluginDaemonInternalServerError):
+        dify.request(client, "POST", url, daemon.headers(MODELS), json=body)
+    r = client.post(url, headers=daemon.headers(MODELS), json=body)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    envelope = r.json()
+    assert envelope["code"] == -500 and envelope["data"] is None
+    outer = json.loads(envelope["message"])
+    assert outer["error_type"] == "PluginInvokeError"
+    assert json.loads(outer["message"])["error_type"] == "InvokeRateLimitError"
+
+
+def test_a_caller_that_leaves_a_polling_call_ends_its_session(daemon: Daemon, client: httpx.Client) -> None:
+    def open_sessions() -> int:
+        return sum(i["sessions"] for i in daemon.plugins()[MODELS]["instances"])
+
+    url = f"{daemon.url}/plugin/t1/dispatch/model/polling/start"
+    body = {"user_id": "u1", "data": start("wait 300")}
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=0.5)) as leaving:
+        leaving.post(url, headers=daemon.headers(MODELS), json=body)
+    # The plugin is still sleeping; the daemon has ended the session all the same.
+    wait_for(lambda: open_sessions() == 0, limit=60)
+
+
+def test_a_polling_check_without_its_state_never_reaches_the_plugin(
+    daemon: Daemon, client: httpx.Client
+) -> None:
+    url = f"{daemon.url}/plugin/t1/dispatch/model/polling/check"
+    for data, field in (
+        (check({}), "data.plugin_state"),
+        (check(None), "data.plugin_state"),
+        ({**check({"prompt": "x"}), "model_type": "text-embedding"}, "data.model_type"),
+    ):
+        r = client.post(url, headers=daemon.headers(MODELS), json={"user_id": "u1", "data": data})
+        assert r.status_code == 422, data
+        inner = json.loads(r.json()["message"])
+        assert field in [e["field"] for e in inner["args"]["errors"]]
 
 
 def test_text_embeddings_and_their_token_counts(daemon: Daemon, client: httpx.Client) -> None:

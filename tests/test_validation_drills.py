@@ -87,3 +87,19 @@ def test_a_check_past_its_deadline_fails_the_session_by_name(monkeypatch: pytest
     assert count == 5
     assert error is not None and error.error_type == VALIDATION_TIMEOUT
     assert "did not finish within" in error.message
+
+
+def test_the_race_between_closer_and_consumer_still_shows_end_to_end(tmp_path: Path) -> None:
+    """Real daemon, real plugin: the plugin's stdout is read on the event loop, and the
+    reader still closes a session before its consumer has applied the queued variables, so
+    ``lock`` still validates too early where ``owner`` is right every time. If both were
+    right, the design comparison (bench/race.py, bench/REPORT.md) would measure nothing."""
+    from bench.race import run_design
+
+    def run(design: str) -> dict[str, object]:
+        return asyncio.run(run_design(design, "fastproto", 24, 8, 5, tmp_path))
+
+    owner, lock = run("owner"), run("lock")
+    assert owner["violations"] == 0, owner["outcomes"]
+    assert lock["violations"] > 0, lock["outcomes"]
+    assert set(lock["outcomes"]) <= {"correct", "valid output failed", "wrong rule reported"}

@@ -7,9 +7,11 @@ plugin is sent: the SDK routes a request by ``data.type`` and ``data.action``
 ``internal/core/io_tunnel/access_types`` of langgenius/dify-plugin-daemon). The app registers
 one route per row and ``request.prepare`` checks every request against its row.
 
-Every kind answers as upstream's ``baseSSEService`` does: ``text/event-stream``, one event per
-message the plugin streams, errors as the final event. ``framing`` says what the SDK streams:
-``stream`` for many chunks, ``single`` for one answer (a result, a count, a schema).
+Every kind but LLM polling answers as upstream's ``baseSSEService`` does: ``text/event-stream``,
+one event per message the plugin streams, errors as the final event. ``framing`` says what the
+SDK streams: ``stream`` for many chunks, ``single`` for one answer (a result, a count, a
+schema); ``json`` is one answer sent as a plain JSON body, as upstream sends polling results
+(``daemon/dispatch/answer.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import Field
+
 from daemon.dispatch.request import CredentialsData, DispatchData, ToolInvokeData, data_model
 from daemon.manifest import PluginSpec, ToolSpec
 
-Framing = Literal["stream", "single"]
+Framing = Literal["stream", "single", "json"]
 SpecLookup = Callable[[PluginSpec, Any], ToolSpec | None]
 
 
@@ -30,6 +34,13 @@ def tool_output_spec(spec: PluginSpec, data: Any) -> ToolSpec | None:
     not declare still goes to the plugin, as upstream sends it: the plugin's answer is the error."""
     provider = spec.providers.get(data.provider)
     return provider.tools.get(data.tool) if provider is not None else None
+
+
+class CheckPollingData(data_model("check_polling", ("provider", "model"), model_type="llm")):  # type: ignore[misc]
+    """The state the plugin gave when the polling started, handed back: a non-empty object, as
+    upstream requires it (``RequestCheckPolling``)."""
+
+    plugin_state: dict[str, Any] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,10 @@ KINDS: tuple[Kind, ...] = (
     _simple("model/validate_provider_credentials", "model", "validate_provider_credentials"),
     _model("model/validate_model_credentials", "validate_model_credentials", model_type="*"),
     _model("model/schema", "get_ai_model_schemas", model_type="*"),
+    _model(
+        "model/polling/start", "start_polling", model_type="llm", framing="json", nullable=("tools", "stop")
+    ),
+    Kind("model/polling/check", "model", "check_polling", CheckPollingData, "json"),
     Kind(
         "agent_strategy/invoke",
         "agent_strategy",

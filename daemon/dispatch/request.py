@@ -193,9 +193,86 @@ async def read_json(request: Request, limit: int) -> Any:
         raise BadRequest(400, f"malformed JSON body: {exc}") from None
 
 
+class _ToolData(dict[str, Any]):
+    """A checked tool ``data``, read as the model's fields are (``.provider``, ``.tool``)."""
+
+    __slots__ = ()
+
+    @property
+    def provider(self) -> str:
+        return self["provider"]  # type: ignore[no-any-return]
+
+    @property
+    def tool(self) -> str:
+        return self["tool"]  # type: ignore[no-any-return]
+
+    def model_dump(self) -> dict[str, Any]:
+        return dict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _ToolInvoke:
+    user_id: str
+    conversation_id: str | None
+    message_id: str | None
+    app_id: str | None
+    endpoint_id: str | None
+    context: dict[str, Any]
+    data: _ToolData
+
+
+_OPTIONAL_IDS = ("conversation_id", "message_id", "app_id", "endpoint_id")
+
+
+def _name(value: Any) -> bool:
+    return type(value) is str and 0 < len(value) <= 256
+
+
+def _tool_invoke(body: dict[str, Any]) -> _ToolInvoke | None:
+    """The tool invocation request as :class:`InvokeToolRequest` would read it, checked by hand.
+
+    The most frequent request of all: its usual, valid form is checked here in a few
+    microseconds; anything else (a wrong type, a missing field, a value out of range)
+    returns None and goes through the model, which says what is wrong in its words.
+    """
+    user_id = body.get("user_id")
+    if user_id is None:
+        user_id = ""
+    elif type(user_id) is not str or len(user_id) > 256:
+        return None
+    ids = [body.get(name) for name in _OPTIONAL_IDS]
+    if any(value is not None and type(value) is not str for value in ids):
+        return None
+    context = body.get("context")
+    if context is None:
+        context = {}
+    elif type(context) is not dict:
+        return None
+    data = body.get("data")
+    if type(data) is not dict or not _name(data.get("provider")) or not _name(data.get("tool")):
+        return None
+    checked = _ToolData(data)
+    for name in ("tool_parameters", "credentials"):
+        value = checked.get(name)
+        if value is None:
+            checked[name] = {}
+        elif type(value) is not dict:
+            return None
+    credential_type = checked.get("credential_type")
+    if credential_type is None:
+        checked["credential_type"] = "api-key"
+    elif type(credential_type) is not str:
+        return None
+    return _ToolInvoke(user_id, *ids, context, checked)
+
+
 def parse(model: type[BaseModel], body: Any, status: int = 422) -> Any:
     if not isinstance(body, dict):
         raise BadRequest(400, f"request body must be a JSON object, got {type(body).__name__}")
+    if model is InvokeToolRequest:
+        fast = _tool_invoke(body)
+        if fast is not None:
+            return fast
     try:
         return model.model_validate(body)
     except ValidationError as exc:

@@ -1,7 +1,8 @@
 """The plugin protocol over any transport: readiness, sessions, routing, death.
 
 A :class:`Connection` knows nothing of processes or sockets. Its transport hands it
-lines (on the transport's reader thread) and, once, the cause of its end. It:
+lines (on the event loop) and, once, the cause of its end (for a process, from the thread
+that reaps it). It:
 
 1. waits for readiness: the first ``heartbeat`` (no heartbeat within the ready limit:
    the transport is killed and the start fails);
@@ -102,14 +103,14 @@ class Connection:
         self._codec = codec
         self._loop = loop
         self.state = InstanceState.STARTING
-        # Written by the loop (open/release), read by the reader thread; single dict
+        # Written by the loop (open/release), read by the reader and the end's thread; single dict
         # operations are atomic, and the reader copies before iterating.
         self.sessions: dict[str, Session] = {}
         self.reserved = 0  # acquired for sessions not registered yet (least-busy routing)
         self.started_at = time.monotonic()
         self._ready: asyncio.Future[None] = loop.create_future()
         self._stopping = False
-        self._dead = False  # set by the reader thread before it fails the open sessions
+        self._dead = False  # set at the transport's end before it fails the open sessions
         self._death: SessionError | None = None
         self.backwards = BackwardsCalls(self.name, services, self.send)
         # A local process's resource figures and limits (daemon/resources); None over TCP.
@@ -217,7 +218,7 @@ class Connection:
         """Write one message, waiting while the plugin is not reading."""
         await self.transport.send(self._codec.dumps(message) + b"\n")
 
-    # -- the transport's reader thread ------------------------------------------------
+    # -- the transport's reader --------------------------------------------------------
 
     def _handle_lines(self, lines: list[bytes]) -> None:
         loads = self._codec.loads
@@ -284,7 +285,7 @@ class Connection:
             log.log(level, "plugin %s: %s", self.name, data.get("message"))
 
     def _on_close(self, outcome: str) -> None:
-        """The transport ended (reader thread): every open session ends now, with the cause."""
+        """The transport ended (any thread): every open session ends now, with the cause."""
         message = f"plugin instance {self.name} {outcome}"
         self._death = SessionError(SHUTDOWN if self._stopping else self.transport.death_error_type, message)
         self._dead = True  # before the snapshot: open_session() checks it after registering

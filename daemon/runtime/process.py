@@ -4,12 +4,16 @@ The process runs ``<venv>/bin/python -m <entrypoint>`` in the plugin directory, 
 process group, with a minimal environment (``INSTALL_METHOD=local``; never the server key)
 and ``PR_SET_PDEATHSIG`` (via ``setpriv``) so it dies with the daemon.
 
-Two threads per process own its pipes: the stdout reader splits lines (bounded length) and
-hands each chunk's lines to the connection *on the reader thread*, so sessions are closed
-from a thread other than their consumer's (the race the validator designs differ on); the
-stderr reader keeps a bounded tail for the pool's ``failed`` state and logs at a bounded rate.
-Writes go through an asyncio pipe transport with flow control: :meth:`send` waits while the
-plugin is not reading, so requests cannot pile up in the daemon.
+Stdout is read by an asyncio pipe protocol on the event loop: it splits lines (bounded
+length) and hands each chunk's lines to the connection in one callback, which closes a
+session when its ``end`` arrives, before the session's consumer (the request's task) has run:
+the closer and the consumer are different tasks, which is the race the validator designs
+differ on. (A reader thread with a hand-off to the loop per chunk cost more CPU per
+invocation than the rest of the relay's reading; ``bench/REPORT.md``.) The end of the stream
+is handled on a short-lived thread, because reaping waits for the process. A stderr thread
+keeps a bounded tail for the pool's ``failed`` state and logs at a bounded rate. Writes go
+through an asyncio pipe transport with flow control: :meth:`send` waits while the plugin is
+not reading, so requests cannot pile up in the daemon.
 
 The exit cause is a value: :attr:`exited` resolves to "<cause> (exit code N)".
 """
@@ -77,6 +81,56 @@ class _FlowControl(asyncio.Protocol):
 
     async def drained(self) -> None:
         await self._resumed.wait()
+
+
+class _StdoutReader(asyncio.Protocol):
+    """Frames a plugin's stdout into lines on the event loop; its end goes to ``on_end(reason)``."""
+
+    def __init__(
+        self, transport: ProcessTransport, on_lines: LinesHandler, on_end: Callable[[str], None]
+    ) -> None:
+        self._owner = transport
+        self._on_lines = on_lines
+        self._on_end = on_end
+        self._limit = transport._max_line
+        self._pending = b""
+        self._pipe: asyncio.ReadTransport | None = None
+        self._reason: str | None = None  # why reading stopped early (before EOF)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._pipe = transport  # type: ignore[assignment]
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._reason is not None:
+            return
+        self._owner.last_output = time.monotonic()
+        data = self._pending + chunk if self._pending else chunk
+        lines = data.split(b"\n")
+        self._pending = pending = lines.pop()
+        limit = self._limit
+        if len(pending) > limit or any(len(line) > limit for line in lines):
+            self._stop(f"wrote a stdout line longer than the {limit} byte limit")
+            log.error("plugin %s %s; failing the instance", self._owner.name, self._reason)
+            return
+        try:
+            self._on_lines(lines)
+        except Exception as exc:  # a bug here must not leave sessions hanging
+            log.exception("plugin %s: reader failed", self._owner.name)
+            self._stop(f"reader failed: {exc!r}")
+
+    def _stop(self, reason: str) -> None:
+        self._reason = reason
+        if self._pipe is not None:
+            self._pipe.close()  # connection_lost follows, and ends the instance
+
+    def eof_received(self) -> bool:
+        return False  # close the pipe: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self._reason or (f"reader failed: {exc!r}" if exc is not None else "")
+        # Reaping waits for the process (up to a second after EOF): not on the loop.
+        name = f"end {self._owner.name}"
+        threading.Thread(target=self._on_end, args=(reason,), name=name, daemon=True).start()
 
 
 class StderrTail:
@@ -166,6 +220,7 @@ class ProcessTransport:
         self.exited: asyncio.Future[str] = loop.create_future()
         self._proc: subprocess.Popen[bytes] | None = None
         self._stdin: asyncio.WriteTransport | None = None
+        self._stdout: asyncio.ReadTransport | None = None
         self._flow: _FlowControl | None = None
         self._kill_reason: str | None = None
         # Held while signalling and while reaping: a reaped pid may belong to someone else.
@@ -173,7 +228,7 @@ class ProcessTransport:
         self._reaped = False
 
     async def start(self, on_lines: LinesHandler, on_close: Callable[[str], None]) -> None:
-        """Spawn; ``on_lines`` and then ``on_close(outcome)`` are called on the reader thread."""
+        """Spawn; ``on_lines`` is called on the loop, then ``on_close(outcome)`` on another thread."""
         cmd = [str(self._python), "-m", self.spec.entrypoint]
         if _SETPRIV:
             cmd = [_SETPRIV, "--pdeathsig", "KILL", *self._drop_privileges, "--", *cmd]
@@ -196,9 +251,11 @@ class ProcessTransport:
             self._stdin, self._flow = await self._loop.connect_write_pipe(_FlowControl, self._proc.stdin)
             self._stdin.set_write_buffer_limits(high=WRITE_HIGH_WATER)
             threading.Thread(target=self._read_stderr, name=f"stderr {self.name}", daemon=True).start()
-            threading.Thread(
-                target=self._read_stdout, args=(on_lines, on_close), name=f"reader {self.name}", daemon=True
-            ).start()
+            # The pipe transport owns the file object from here on (and closes it).
+            self._stdout, _ = await self._loop.connect_read_pipe(
+                lambda: _StdoutReader(self, on_lines, lambda reason: self._end(reason, on_close)),
+                self._proc.stdout,
+            )
         except BaseException:
             self.kill("failed to start its reader")
             await asyncio.to_thread(self._reap)
@@ -230,47 +287,30 @@ class ProcessTransport:
     def kill_reason(self) -> str | None:
         return self._kill_reason
 
-    # -- the reader threads --------------------------------------------------------
+    # -- the end of the stream, and the stderr thread ---------------------------------
 
-    def _read_stdout(self, on_lines: LinesHandler, on_close: Callable[[str], None]) -> None:
-        reason = "exited"
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        limit = self._max_line
-        pending = b""
+    def _end(self, reason: str, on_close: Callable[[str], None]) -> None:
+        """Stdout ended (``reason`` if reading stopped early): kill, reap, report the cause once."""
+        assert self._proc is not None
+        if not reason:
+            # EOF usually means exit: give it a moment.
+            reason = "exited" if self._exited_within(1.0) else "closed its stdout"
         try:
-            while True:
-                chunk = os.read(fd, READ_CHUNK)
-                if not chunk:
-                    if not self._exited_within(1.0):  # EOF usually means exit: give it a moment
-                        reason = "closed its stdout"
-                    break
-                self.last_output = time.monotonic()
-                data = pending + chunk if pending else chunk
-                lines = data.split(b"\n")
-                pending = lines.pop()
-                if len(pending) > limit or any(len(line) > limit for line in lines):
-                    reason = f"wrote a stdout line longer than the {limit} byte limit"
-                    log.error("plugin %s %s; failing the instance", self.name, reason)
-                    break
-                on_lines(lines)
-        except Exception as exc:  # a bug here must not leave sessions hanging
-            reason = f"reader failed: {exc!r}"
-            log.exception("plugin %s: reader failed", self.name)
-        finally:
             killed_for = self._kill_reason  # a kill asked for before the stream ended names the cause
             self.kill(reason)  # stdout may have closed while the process lives on
             code = self._reap()
-            self._proc.stdout.close()
             memory = self.resources.exit_cause(code) if self.resources is not None else None
             outcome = f"{killed_for or memory or reason} (exit code {code})"
-            try:
-                on_close(outcome)
-            finally:
-                if self.resources is not None:
-                    self.resources.release()  # after the sessions have their error, before a restart
-                with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
-                    self._loop.call_soon_threadsafe(self._set_exited, outcome)
+        except Exception as exc:  # pragma: no cover - reaping our own child does not fail
+            log.exception("plugin %s: reaping failed", self.name)
+            outcome = f"{reason} (not reaped: {exc!r})"
+        try:
+            on_close(outcome)
+        finally:
+            if self.resources is not None:
+                self.resources.release()  # after the sessions have their error, before a restart
+            with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
+                self._loop.call_soon_threadsafe(self._set_exited, outcome)
 
     def _exited_within(self, seconds: float) -> bool:
         assert self._proc is not None
@@ -323,6 +363,8 @@ class ProcessTransport:
     def _set_exited(self, outcome: str) -> None:
         if not self.exited.done():
             self.exited.set_result(outcome)
+        if self._stdout is not None and not self._stdout.is_closing():
+            self._stdout.close()
         if self._stdin is not None and not self._stdin.is_closing():
             # On the stdlib loop the pipe's own watcher may have closed it half-way;
             # abort() then raises, and must not stop anything that follows.

@@ -405,7 +405,9 @@ class RemoteDebugging:
                 declared["models"] = data
             elif kind == "agent_strategy_declaration" and isinstance(data, list):
                 declared["agent_strategies"] = data
-            # other declarations (endpoints, datasources, ...) describe what this daemon does not list
+            elif kind == "endpoint_declaration" and isinstance(data, list):
+                declared["endpoints"] = data
+            # other declarations (datasources, ...) describe what this daemon does not list
 
     async def _line(self, reader: asyncio.StreamReader) -> bytes:
         try:

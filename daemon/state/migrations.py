@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from daemon.endpoints.store import create_table as endpoints_table
 from daemon.installs import store as installs_store
 
 log = logging.getLogger("daemon.state")
@@ -63,6 +64,7 @@ def _plugin_storage(connection: sa.Connection) -> None:
 
 STEPS: list[Step] = [
     Step("0001_plugin_storage", _plugin_storage),
+    Step("0002_endpoints", endpoints_table),
     Step("0002_plugin_installations", installs_store.migrate_v1),
 ]
 

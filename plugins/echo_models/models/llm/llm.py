@@ -2,12 +2,24 @@
 
 Deterministic and offline, so tests can assert every chunk. ``max_tokens`` cuts the answer
 (finish reason ``length``); a prompt of ``raise rate limit`` fails as a rate-limited API would.
+
+It also answers by polling, as a vendor's batch API would: starting returns the prompt as the
+state to hand back, the first check says it is still running, the second gives the answer; a
+prompt of ``fail`` ends in the failed state, and ``wait N`` makes starting take N seconds (at
+most 300), as a slow vendor would.
 """
 
+import time
 from collections.abc import Generator
 
 from dify_plugin import LargeLanguageModel
-from dify_plugin.entities.model.llm import LLMResult, LLMResultChunk, LLMResultChunkDelta
+from dify_plugin.entities.model.llm import (
+    LLMPollingResult,
+    LLMPollingStatus,
+    LLMResult,
+    LLMResultChunk,
+    LLMResultChunkDelta,
+)
 from dify_plugin.entities.model.message import AssistantPromptMessage, PromptMessage, PromptMessageTool
 from dify_plugin.errors.model import InvokeError, InvokeRateLimitError
 from provider.echo_models import check_key
@@ -28,6 +40,13 @@ def _count(messages: list[PromptMessage]) -> int:
     return sum(len(_text(m).split()) for m in messages)
 
 
+def _last_prompt(messages: list[PromptMessage]) -> str:
+    last = _text(messages[-1]) if messages else ""
+    if last == "raise rate limit":
+        raise EchoRateLimited("echo-llm allows no more requests now")
+    return last
+
+
 class EchoLLM(LargeLanguageModel):
     def _invoke(
         self,
@@ -40,9 +59,7 @@ class EchoLLM(LargeLanguageModel):
         stream: bool = True,
         user: str | None = None,
     ) -> LLMResult | Generator[LLMResultChunk, None, None]:
-        last = _text(prompt_messages[-1]) if prompt_messages else ""
-        if last == "raise rate limit":
-            raise EchoRateLimited("echo-llm allows no more requests now")
+        last = _last_prompt(prompt_messages)
         words = ["echo:", *last.split()]
         limit = int(model_parameters.get("max_tokens") or len(words))
         answer, finish = words[:limit], "stop" if len(words) <= limit else "length"
@@ -67,6 +84,40 @@ class EchoLLM(LargeLanguageModel):
                     finish_reason=finish if last else None,
                 ),
             )
+
+    def _start_polling(
+        self,
+        model: str,
+        credentials: dict,
+        prompt_messages: list[PromptMessage],
+        model_parameters: dict,
+        **_: object,
+    ) -> LLMPollingResult:
+        last = _last_prompt(prompt_messages)
+        if last.startswith("wait "):
+            time.sleep(min(float(last.removeprefix("wait ")), 300.0))
+        state = {"prompt": last, "prompt_tokens": _count(prompt_messages), "checks": 0}
+        return LLMPollingResult(
+            status=LLMPollingStatus.RUNNING, plugin_state=state, next_check_after_seconds=1
+        )
+
+    def _check_polling(
+        self, model: str, credentials: dict, plugin_state: dict, user: str | None = None
+    ) -> LLMPollingResult:
+        prompt = str(plugin_state.get("prompt", ""))
+        checks = int(plugin_state.get("checks", 0)) + 1
+        if prompt == "fail":
+            return LLMPollingResult(status=LLMPollingStatus.FAILED, error="echo-llm gave up on this prompt")
+        if checks < 2:
+            return LLMPollingResult(
+                status=LLMPollingStatus.RUNNING, plugin_state={**plugin_state, "checks": checks}
+            )
+        answer = ["echo:", *prompt.split()]
+        tokens = int(plugin_state.get("prompt_tokens", 0))
+        usage = self._calc_response_usage(model, credentials, tokens, len(answer))
+        message = AssistantPromptMessage(content=" ".join(answer))
+        result = LLMResult(model=model, message=message, usage=usage)
+        return LLMPollingResult(status=LLMPollingStatus.SUCCEEDED, result=result)
 
     def get_num_tokens(
         self,
