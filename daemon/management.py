@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CATEGORIES = ("tool", "model", "agent-strategy", "datasource", "trigger", "extension")
 PAGE_SIZE_MAX = 256  # upstream's bound on page_size
+PAGE_MAX = 2**31 - 1  # keeps (page - 1) * page_size within a 64-bit OFFSET on either database
 ASSET_MAX_BYTES = 5 * 1024 * 1024
 PLUGIN_NOT_FOUND = "PluginNotFoundError"  # upstream's type for a plugin the tenant does not have
 _IDS = uuid.UUID("5b0c1d52-6a53-4c1e-9f43-2f4bd0f1e6a7")  # namespace of the installation ids
@@ -198,15 +199,14 @@ def success(data: Any) -> JSONResponse:
 def paged(request: Request) -> tuple[int, int]:
     """``page`` (from 1) and ``page_size`` (1 to 256), both required as upstream's binding has them."""
     values = []
-    for name, top in (("page", None), ("page_size", PAGE_SIZE_MAX)):
+    for name, top in (("page", PAGE_MAX), ("page_size", PAGE_SIZE_MAX)):
         raw = request.query_params.get(name, "")
         try:
             value = int(raw)
         except ValueError:
             raise BadRequest(400, f"query parameter {name} must be an integer, got {raw!r}") from None
-        if value < 1 or (top is not None and value > top):
-            bound = f"from 1 to {top}" if top else "at least 1"
-            raise BadRequest(400, f"query parameter {name} must be {bound}, got {value}")
+        if not 1 <= value <= top:
+            raise BadRequest(400, f"query parameter {name} must be from 1 to {top}, got {value}")
         values.append(value)
     return values[0], values[1]
 

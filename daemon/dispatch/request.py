@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from daemon.runtime import PluginPool
     from daemon.runtime.tcp import RemotePlugin
 
-TENANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TENANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would let a final newline in
 PLUGIN_ID = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)/([A-Za-z0-9_][A-Za-z0-9_.-]*)(:[^@]+)?(@\S+)?$")
 
 

@@ -11,6 +11,7 @@ background (:mod:`daemon.installs.jobs`).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -38,6 +39,16 @@ def _identifier(value: str) -> str:
 
 Identifier = Annotated[str, AfterValidator(_identifier)]
 Text = Annotated[str, Field(min_length=1, max_length=255)]
+Source = Annotated[str, Field(min_length=1, max_length=63)]  # the column's size, as upstream's
+
+
+def _row_id(value: str) -> str | None:
+    """``value`` as an installation or task id (every one is a UUID made here), or None: what
+    is not a UUID names no row, and is never sent to the database (PostgreSQL refuses a NUL)."""
+    try:
+        return str(uuid.UUID(value)) if len(value) == 36 else None
+    except ValueError:
+        return None
 Meta = Annotated[dict[str, Any], BeforeValidator(lambda v: {} if v is None else v)]
 
 
@@ -47,7 +58,7 @@ class _Body(BaseModel):
 
 class InstallBody(_Body):
     plugin_unique_identifiers: list[Identifier] = Field(min_length=1, max_length=MAX_PLUGINS)
-    source: Text
+    source: Source
     metas: Annotated[list[Meta], BeforeValidator(lambda v: [] if v is None else v)] = Field(
         default_factory=list
     )
@@ -56,7 +67,7 @@ class InstallBody(_Body):
 class UpgradeBody(_Body):
     original_plugin_unique_identifier: Identifier
     new_plugin_unique_identifier: Identifier
-    source: Text
+    source: Source
     meta: Meta = Field(default_factory=dict)
 
 
@@ -164,7 +175,8 @@ async def uninstall(request: Request, installs: Installations, tenant: str) -> A
     """``uninstall``: ``true``; an id the tenant does not have is already uninstalled (upstream)."""
     body: UninstallBody = await _body(request, UninstallBody)
     wanted = body.plugin_installation_id
-    removed = await installs.change(lambda c: store.uninstall(c, tenant, wanted))
+    found = _row_id(wanted)
+    removed = None if found is None else await installs.change(lambda c: store.uninstall(c, tenant, found))
     if removed is None:
         for plugin in management.installed(request.app.state.daemon.runtime, tenant):
             if plugin.row is None and plugin.record("plugin")["id"] == wanted:
@@ -186,7 +198,8 @@ async def list_tasks(request: Request, installs: Installations, tenant: str) -> 
 
 
 async def _task(installs: Installations, tenant: str, task_id: str) -> store.Task:
-    found = await installs.database.run(lambda c: store.task(c, tenant, task_id))
+    wanted = _row_id(task_id)
+    found = None if wanted is None else await installs.database.run(lambda c: store.task(c, tenant, wanted))
     if found is None:
         raise BadRequest(404, f"install task {task_id[:100]!r} not found")
     return found
@@ -200,8 +213,9 @@ async def get_task(request: Request, installs: Installations, tenant: str) -> An
 
 @route
 async def delete_task(request: Request, installs: Installations, tenant: str) -> Any:
-    task_id = request.path_params["id"]
-    await installs.database.run(lambda c: store.delete_task(c, tenant, task_id))
+    task_id = _row_id(request.path_params["id"])
+    if task_id is not None:
+        await installs.database.run(lambda c: store.delete_task(c, tenant, task_id))
     return True
 
 
@@ -214,11 +228,12 @@ async def delete_all_tasks(request: Request, installs: Installations, tenant: st
 @route
 async def delete_task_item(request: Request, installs: Installations, tenant: str) -> Any:
     """``install/tasks/{id}/delete/{identifier}``: drop one plugin from a task."""
-    task_id = request.path_params["id"]
+    task_id = _row_id(request.path_params["id"])
     identifier = request.path_params["identifier"].lstrip("/")
     if not IDENTIFIER.match(identifier):
         raise BadRequest(400, f"not a plugin unique identifier: {identifier[:300]!r}")
-    await installs.database.run(lambda c: store.delete_task_item(c, tenant, task_id, identifier))
+    if task_id is not None:
+        await installs.database.run(lambda c: store.delete_task_item(c, tenant, task_id, identifier))
     return True
 
 

@@ -16,8 +16,9 @@ from daemon.manifest import MAX_FILE_BYTES, ManifestError, _load_yaml, _read
 from daemon.packages.archive import PackageError
 
 # pkg/entities/plugin_entities/identity.go in langgenius/dify-plugin-daemon: lower case only.
+# "\Z", not "$": "$" also matches before a final newline.
 IDENTIFIER = re.compile(
-    r"^(?:([a-z0-9_-]{1,64})/)?([a-z0-9_-]{1,255}):([0-9]{1,4})(\.[0-9]{1,4}){1,3}(-\w{1,16})?@[a-f0-9]{32,64}$"
+    r"^(?:([a-z0-9_-]{1,64})/)?([a-z0-9_-]{1,255}):([0-9]{1,4})(\.[0-9]{1,4}){1,3}(-\w{1,16})?@[a-f0-9]{32,64}\Z"
 )
 _UUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$")
 _README = re.compile(r"^README_([a-z]{2}_[A-Za-z]{2,})\.md$")
