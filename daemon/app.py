@@ -39,7 +39,7 @@ from daemon.resources.monitor import ResourceMonitor
 from daemon.runtime import PluginUnavailable, Runtime
 from daemon.runtime.backwards import BackwardsServices
 from daemon.shutdown import Drain
-from daemon.state import Database, PluginStorage
+from daemon.state import Database, DatabaseError, PluginStorage
 from daemon.state.storage import import_legacy
 from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 from daemon.wire import get_codec, tool_request
@@ -296,6 +296,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(BadRequest(exc.status_code, message))
 
 
+async def _database_error(request: Request, exc: Exception) -> Response:
+    """A management route whose database is away (unreachable, or SQLite locked past its busy
+    timeout): upstream's internal-error envelope, not a bare 500 and a traceback."""
+    log.error("%s %s: %s", request.method, request.url.path, exc)
+    return _error(BadRequest(500, "the database is unavailable, try again"))
+
+
 def create_app(
     settings: Settings, server_key: str, tracing: Tracing | None = None, database: Database | None = None
 ) -> Starlette:
@@ -358,7 +365,7 @@ def create_app(
     app = DaemonApp(
         routes=routes,
         middleware=middleware,
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, DatabaseError: _database_error},
         lifespan=lifespan,
     )
     app.lean_routes(

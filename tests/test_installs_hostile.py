@@ -4,6 +4,8 @@ never a 500, on SQLite and on PostgreSQL alike; nothing one tenant sends reaches
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon.packages import build
 from daemon.testing import Daemon, start_daemon
 from tests import test_installs
 from tests.postgres import PostgresServer
@@ -130,3 +133,39 @@ def test_another_tenant_cannot_reach_an_installation_or_its_tasks(
     assert a.texts(count=1)
     b.installed(identifier)
     assert b.installation_of(FASTPROTO).id != installation.id
+
+
+def test_a_database_locked_during_an_install_fails_it_with_a_reason_and_routes_answer_an_envelope(
+    tmp_path: Path,
+) -> None:
+    """SQLite locked by another writer past its busy timeout, while an install waits for its
+    plugin: the routes answer upstream's internal-error envelope meanwhile; the task is not left
+    running, it fails naming the database; nothing is installed; installing again works."""
+    (tmp_path / "plugins").mkdir()
+    daemon = start_daemon(tmp_path / "plugins", tmp_path / "state", tmp_path / "daemon.log", **OPEN)
+    try:
+        api = Api(daemon, "tenant-a")
+        slow = test_installs.variant(
+            tmp_path, "fastproto", version="0.4.0", **{"fault.json": '{"start_delay_s": 3}'}
+        )
+        identifier = api.upload(build(slow, tmp_path / "slow.difypkg")[0].read_bytes())
+        started = api.install(identifier)
+        locker = sqlite3.connect(tmp_path / "state" / "state.sqlite3", timeout=30)
+        locker.execute("BEGIN IMMEDIATE")  # the only writer until it ends: the install's writes wait
+        try:
+            locked = httpx.post(
+                api.url("install/tasks/delete_all"), headers={"X-Api-Key": daemon.key}, timeout=60
+            )
+            assert "database is unavailable" in refusal(locked, 500)["message"]
+            time.sleep(10)  # past the plugin's start (3 s) and the busy timeout (5 s) of its write
+        finally:
+            locker.rollback()
+            locker.close()
+        task = api.finished(started.task_id, limit=120)
+        assert task.status == "failed", f"{task}\n{daemon.log()}"
+        assert "database" in task.plugins[0].message
+        assert FASTPROTO not in [p.plugin_id for p in api.plugins()]
+        api.installed(identifier)
+        assert api.installation_of(FASTPROTO).version == "0.4.0"
+    finally:
+        daemon.stop()

@@ -19,10 +19,12 @@ from typing import Any
 from daemon.installs import store
 from daemon.installs.runtimes import Installations, InstalledRuntime
 from daemon.installs.store import FAILED, RUNNING, SUCCESS
+from daemon.state import DatabaseError
 
 log = logging.getLogger("daemon.installs")
 
 POLL = 0.1  # seconds between looks at a runtime that is getting ready
+OUTCOME_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)  # seconds between tries to record how a job ended
 
 
 async def wait_serving(
@@ -68,12 +70,29 @@ class Job:
             await work()
         except asyncio.CancelledError:
             raise  # the daemon is stopping: the reconcile loop of a daemon fails the task later
+        except DatabaseError as exc:  # named, no traceback: the database is away, not a bug here
+            log.error("plugin %s: install for tenant %s failed: %s", self.identifier, self.tenant, exc)
+            await self.outcome(f"install failed: {exc}", FAILED)
         except Exception as exc:
             log.exception("plugin %s: install for tenant %s failed", self.identifier, self.tenant)
+            await self.outcome(f"install failed: {exc}", FAILED)
+
+    async def outcome(self, message: str, status: str) -> None:
+        """The job's last status write, tried again while the database is away (SQLite locked
+        past its busy timeout, PostgreSQL restarting): a task left running would keep Dify's
+        console waiting until the task expires."""
+        for pause in (*OUTCOME_RETRIES, None):
             try:
-                await self.status(f"install failed: {exc}", FAILED)
+                await self.status(message, status)
+                return
+            except DatabaseError as exc:
+                if pause is None:
+                    log.error("plugin %s: cannot record the install's outcome: %s", self.identifier, exc)
+                    return
+                await asyncio.sleep(pause)
             except Exception:
-                log.exception("plugin %s: cannot record the failed install", self.identifier)
+                log.exception("plugin %s: cannot record the install's outcome", self.identifier)
+                return
 
     async def serving(self, runtime: InstalledRuntime) -> bool:
         """Wait for the pinned runtime; False (and the task failed with the reason) if it fails."""
@@ -81,7 +100,7 @@ class Job:
         reason = await wait_serving(runtime, timeout, lambda step: self.status(step))
         if reason is not None:
             log.error("plugin %s: install for tenant %s failed: %s", self.identifier, self.tenant, reason)
-            await self.status(reason, FAILED)
+            await self.outcome(reason, FAILED)
             return False
         return True
 
@@ -95,7 +114,7 @@ async def install(
     async def work() -> None:
         plugin_id = identifier.partition(":")[0]
         if await installs.database.run(lambda c: store.installation(c, tenant, plugin_id=plugin_id)):
-            await job.status("installed", SUCCESS)  # upstream: the tenant already has this plugin id
+            await job.outcome("installed", SUCCESS)  # upstream: the tenant already has this plugin id
             return
         await job.status("starting", RUNNING)
         async with installs.pinned(identifier) as runtime:
@@ -103,7 +122,7 @@ async def install(
                 return
             await installs.change(lambda c: store.install(c, tenant, identifier, source=source, meta=meta))
         log.info("plugin %s: installed for tenant %s", identifier, tenant)
-        await job.status("installed", SUCCESS)
+        await job.outcome("installed", SUCCESS)
 
     await job.run(work)
 
@@ -130,9 +149,9 @@ async def upgrade(
                 lambda c: store.upgrade(c, tenant, original, new, source=source, meta=meta)
             )
         if moved is None:
-            await job.status(f"plugin {original} is not installed for this tenant any more", FAILED)
+            await job.outcome(f"plugin {original} is not installed for this tenant any more", FAILED)
             return
         log.info("plugin %s: upgraded to %s for tenant %s", original, new, tenant)
-        await job.status("upgraded", SUCCESS)
+        await job.outcome("upgraded", SUCCESS)
 
     await job.run(work)
