@@ -169,3 +169,35 @@ def test_a_database_locked_during_an_install_fails_it_with_a_reason_and_routes_a
         assert api.installation_of(FASTPROTO).version == "0.4.0"
     finally:
         daemon.stop()
+
+
+def test_a_tenant_cannot_pile_up_installs_in_progress(tmp_path: Path, packages: dict[str, bytes]) -> None:
+    """Each plugin installing is a job polling its runtime: one tenant asking again and again
+    for a plugin that is slow to start gets a 429 past the bound; other tenants are not held; the
+    daemon still stops on SIGTERM with every one of those jobs waiting."""
+    (tmp_path / "plugins").mkdir()
+    daemon = start_daemon(tmp_path / "plugins", tmp_path / "state", tmp_path / "daemon.log", **OPEN)
+    try:
+        a, b = Api(daemon, "tenant-a"), Api(daemon, "tenant-b")
+        slow = test_installs.variant(
+            tmp_path, "fastproto", version="0.5.0", **{"fault.json": '{"start_delay_s": 120}'}
+        )
+        identifier = a.upload(build(slow, tmp_path / "slow.difypkg")[0].read_bytes())
+        body = {"plugin_unique_identifiers": [identifier], "source": "package", "metas": [{}]}
+        headers = {"X-Api-Key": daemon.key}
+        answers = [
+            httpx.post(a.url("install/identifiers"), headers=headers, json=body, timeout=60)
+            for _ in range(70)
+        ]
+        accepted = [r for r in answers if r.status_code == 200]
+        assert len(accepted) == 64, [r.text for r in answers if r.status_code != 200][:3]
+        for refused in answers[64:]:
+            assert "too many plugins installing" in refusal(refused, 429)["message"]
+        fast = b.upload(packages["fastproto"])
+        b.installed(fast)  # tenant-b's installs go on
+        assert a.call("GET", "install/tasks", params={"page": 1, "page_size": 256})[0]["status"] == "running"
+        # SIGTERM with those jobs waiting: cancelling them must not start tenant-b's runtime again
+        # after the daemon stopped it (the daemon then never exited).
+        daemon.stop()
+    finally:
+        daemon.stop()

@@ -29,6 +29,7 @@ from daemon.packages.declaration import IDENTIFIER
 
 MAX_PLUGINS = 64  # identifiers in one install request (upstream's bound)
 MAX_LOOKUPS = 256  # ids in one batch or missing request (upstream's bound)
+MAX_IN_PROGRESS = 64  # plugins a tenant may have installing at once, over every task of theirs
 
 
 def _identifier(value: str) -> str:
@@ -49,6 +50,8 @@ def _row_id(value: str) -> str | None:
         return str(uuid.UUID(value)) if len(value) == 36 else None
     except ValueError:
         return None
+
+
 Meta = Annotated[dict[str, Any], BeforeValidator(lambda v: {} if v is None else v)]
 
 
@@ -120,6 +123,23 @@ async def _manifest(request: Request, identifier: str) -> dict[str, Any]:
     return decoded.manifest
 
 
+async def _new_task(installs: Installations, tenant: str, statuses: list[dict[str, Any]]) -> store.Task:
+    """A task for ``statuses``, unless the tenant already has ``MAX_IN_PROGRESS`` plugins
+    installing: each is a job and maybe a runtime being prepared, so their number is bounded."""
+
+    def create(connection: Any) -> store.Task | None:
+        if store.plugins_in_progress(connection, tenant) + len(statuses) > MAX_IN_PROGRESS:
+            return None
+        return store.create_task(connection, tenant, statuses)
+
+    task = await installs.database.run(create)
+    if task is None:
+        raise BadRequest(
+            429, f"too many plugins installing for this tenant (at most {MAX_IN_PROGRESS}): wait for them"
+        )
+    return task
+
+
 def _task_started(task_id: str) -> dict[str, Any]:
     return {"all_installed": False, "task_id": task_id}
 
@@ -138,7 +158,7 @@ async def install_from_identifiers(request: Request, installs: Installations, te
         store.plugin_status(identifier, await _manifest(request, identifier), body.source)
         for identifier in wanted
     ]
-    task = await installs.database.run(lambda c: store.create_task(c, tenant, statuses))
+    task = await _new_task(installs, tenant, statuses)
     for identifier, meta in wanted.items():
         installs.spawn(
             jobs.install(installs, tenant, task.id, identifier, body.source, meta),
@@ -162,7 +182,7 @@ async def upgrade(request: Request, installs: Installations, tenant: str) -> Any
     if found is None:
         raise BadRequest(404, "plugin installation not found for this tenant")
     status = store.plugin_status(new, await _manifest(request, new), body.source)
-    task = await installs.database.run(lambda c: store.create_task(c, tenant, [status]))
+    task = await _new_task(installs, tenant, [status])
     installs.spawn(
         jobs.upgrade(installs, tenant, task.id, original, new, body.source, body.meta),
         f"upgrade {original} to {new} for {tenant}",

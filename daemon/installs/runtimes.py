@@ -152,6 +152,7 @@ class Installations:
         self._tenant_reads: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # every background task here, owned for stop()
         self._loop: asyncio.Task[None] | None = None
+        self._stopped = False  # set by stop(): no runtime starts after it
 
     # -- what dispatch reads ----------------------------------------------------------------
 
@@ -241,6 +242,8 @@ class Installations:
 
     def _converge(self) -> None:
         """Start a runtime for each identifier wanted, drain the ones no longer wanted (under the lock)."""
+        if self._stopped:
+            return  # an install job cancelled by stop() must not start what stop() is stopping
         wanted = {i.unique_identifier for rows in self.index.values() for i in rows.values()}
         wanted |= {identifier for identifier, count in self._pins.items() if count > 0}
         now = time.monotonic()
@@ -385,6 +388,7 @@ class Installations:
 
     async def stop(self) -> None:
         """Stop every runtime (their folders stay for the next start) and every task here."""
+        self._stopped = True
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)

@@ -381,6 +381,15 @@ def create_task(connection: sa.Connection, tenant: str, plugins: Sequence[Mappin
     return task
 
 
+def plugins_in_progress(connection: sa.Connection, tenant: str) -> int:
+    """How many plugins of the tenant's tasks are not finished (every daemon's, from the rows)."""
+    left = TASKS.c.total_plugins - TASKS.c.completed_plugins
+    query = sa.select(sa.func.coalesce(sa.func.sum(left), 0)).where(
+        TASKS.c.tenant_id == tenant, TASKS.c.status.in_([PENDING, RUNNING])
+    )
+    return int(connection.execute(query).scalar_one())
+
+
 def task(connection: sa.Connection, tenant: str, task_id: str, *, lock: bool = False) -> Task | None:
     query = sa.select(TASKS).where(TASKS.c.id == task_id, TASKS.c.tenant_id == tenant)
     if lock and connection.dialect.name == "postgresql":
