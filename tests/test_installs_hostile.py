@@ -4,6 +4,7 @@ never a 500, on SQLite and on PostgreSQL alike; nothing one tenant sends reaches
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from daemon.packages import build
@@ -201,3 +203,36 @@ def test_a_tenant_cannot_pile_up_installs_in_progress(tmp_path: Path, packages: 
         daemon.stop()
     finally:
         daemon.stop()
+
+
+def test_an_install_whose_uv_hangs_fails_at_the_timeout_and_leaves_no_process(tmp_path: Path) -> None:
+    """A package whose requirements point at an index that accepts and never answers: the task
+    fails at PLUGIN_INSTALL_TIMEOUT naming it, uv is killed and the runtime is removed."""
+    index = socket.create_server(("127.0.0.1", 0), backlog=16)  # accepts (the kernel), never answers
+    (tmp_path / "plugins").mkdir()
+    daemon = start_daemon(
+        tmp_path / "plugins",
+        tmp_path / "state",
+        tmp_path / "daemon.log",
+        plugin_install_timeout="0.1",
+        **OPEN,
+    )
+    try:
+        api = Api(daemon, "tenant-a")
+        requirements = f"--index-url http://127.0.0.1:{index.getsockname()[1]}/simple\nsix==1.16.0\n"
+        hung = test_installs.variant(
+            tmp_path, "fastproto", version="0.6.0", **{"requirements.txt": requirements}
+        )
+        identifier = api.upload(build(hung, tmp_path / "hung.difypkg")[0].read_bytes())
+        task = api.finished(api.install(identifier).task_id, limit=120)
+        assert task.status == "failed" and "PLUGIN_INSTALL_TIMEOUT" in task.plugins[0].message
+        test_installs.gone(daemon, identifier)
+        assert not [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if any(str(tmp_path) in part for part in p.info["cmdline"] or []) and p.pid != daemon.proc.pid
+        ], "a process of the hung install is left"
+        assert FASTPROTO not in [p.plugin_id for p in api.plugins()]
+    finally:
+        daemon.stop()
+        index.close()
