@@ -25,8 +25,10 @@ from starlette.responses import JSONResponse, Response
 
 from daemon import declarations
 from daemon.dispatch import BadRequest, check_key, parse, read_json, tenant_id
+from daemon.endpoints.store import Endpoints
 from daemon.installs.store import Installation, rfc3339
 from daemon.manifest import ManifestError
+from daemon.state import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -246,20 +248,22 @@ def _page(items: list[Any], page: int, size: int) -> list[Any]:
 
 
 @route
-def list_plugins(request: Request, runtime: Any, tenant: str) -> Any:
+async def list_plugins(request: Request, runtime: Any, tenant: str) -> Any:
     """``management/list``: ``{"list": [installation...], "total": n}`` (``ListPlugins``)."""
     page, size = paged(request)
     everything = list(installed(runtime, tenant))
+    counts = await endpoint_counts(request, tenant)
     rows = []
     for plugin in _page(everything, page, size):
         record = plugin.record("plugin")
         declaration = plugin.declaration
+        setups, active = counts.get(plugin.plugin_id, (0, 0))
         rows.append(
             {
                 **record,
                 "name": declaration["name"],
-                "endpoints_active": plugin.row.endpoints_active if plugin.row else 0,
-                "endpoints_setups": plugin.row.endpoints_setups if plugin.row else 0,
+                "endpoints_active": active,
+                "endpoints_setups": setups,
                 "installation_id": record["id"],
                 "declaration": declaration,
                 "runtime_type": plugin.runtime_type,
@@ -270,6 +274,15 @@ def list_plugins(request: Request, runtime: Any, tenant: str) -> Any:
             }
         )
     return {"list": rows, "total": len(everything)}
+
+
+async def endpoint_counts(request: Request, tenant: str) -> dict[str, tuple[int, int]]:
+    """Per plugin id, the tenant's endpoints set up and enabled, as an installation lists them
+    (upstream keeps these counts on the installation row; here they are counted when asked)."""
+    try:
+        return await Endpoints(request.app.state.daemon.database).counts(tenant)
+    except DatabaseError as exc:
+        raise BadRequest(500, f"the database is unavailable: {exc}") from None
 
 
 def _providers(runtime: Any, tenant: str, key: str) -> list[tuple[Installed, Mapping[str, Any]]]:

@@ -220,6 +220,36 @@ def test_a_streamed_body_arrives_chunk_by_chunk(daemon: Daemon, client: httpx.Cl
     assert client.get(hook(daemon, endpoint, "/echo")).status_code == 200
 
 
+def test_the_plugin_listings_count_a_tenants_endpoints(daemon: Daemon, client: httpx.Client) -> None:
+    """``endpoints_setups``/``endpoints_active`` of a ``PLUGINS_DIR`` plugin, per tenant, as Dify
+    reads them in ``management/list`` and ``installation/fetch/batch``."""
+
+    def counts(method: str, url: str, **kwargs: Any) -> dict[str, tuple[int, int]]:
+        data = dify.request(client, method, url, {"X-Api-Key": daemon.key}, **kwargs)
+        rows = data["list"] if isinstance(data, dict) else data
+        plugins = [dify_entities.PluginInstallation.model_validate(row) for row in rows]
+        return {p.plugin_id: (p.endpoints_setups, p.endpoints_active) for p in plugins}
+
+    def both(tenant: str) -> dict[str, tuple[int, int]]:
+        base = f"{daemon.url}/plugin/{tenant}/management"
+        listed = counts("GET", f"{base}/list", params={"page": 1, "page_size": 100})
+        batch = {"plugin_ids": [PLUGIN, "demo/text_toolkit"]}
+        assert counts("POST", f"{base}/installation/fetch/batch", json=batch) == {
+            k: v for k, v in listed.items() if k in batch["plugin_ids"]
+        }
+        return listed
+
+    assert both("tc")[PLUGIN] == (0, 0)
+    kept = setup(daemon, client, "tc", "kept", {"greeting": "a"})
+    switched = setup(daemon, client, "tc", "switched", {"greeting": "b"})
+    assert call(daemon, client, "POST", "tc", "disable", json={"endpoint_id": switched.id}) is True
+    found = both("tc")
+    assert found[PLUGIN] == (2, 1) and found["demo/text_toolkit"] == (0, 0)
+    assert both("tc-other")[PLUGIN] == (0, 0)  # another tenant's are not counted
+    assert call(daemon, client, "POST", "tc", "remove", json={"endpoint_id": kept.id}) is True
+    assert both("tc")[PLUGIN] == (1, 0)
+
+
 def test_tenants_never_reach_each_others_endpoints(daemon: Daemon, client: httpx.Client) -> None:
     mine = setup(daemon, client, "t1", "private", {"greeting": "mine"})
     theirs = setup(daemon, client, "t2", "theirs", {"greeting": "theirs"})

@@ -104,6 +104,11 @@ async def invoke(request: Request) -> Response | ASGIApp:
     if not endpoint.enabled:
         return _json(404, -404, NOT_FOUND, "endpoint not found")
     pool = daemon.runtime.pool_for(endpoint.plugin_id, endpoint.tenant_id)
+    if pool is None:  # installed through another daemon on the same database, perhaps
+        try:
+            pool = await daemon.runtime.resolve(endpoint.plugin_id, endpoint.tenant_id)
+        except PluginUnavailable as exc:
+            return _json(503, -500, INTERNAL_ERROR, f"plugin runtime not found: {exc}")
     if pool is None:
         return _json(404, -400, BAD_REQUEST, "plugin installation not found")
     installed = next(

@@ -123,12 +123,29 @@ def _paged(request: Request) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def declaration_of(request: Request, tenant: str, plugin_id: str) -> Mapping[str, Any] | None:
-    """The endpoint group ``plugin_id`` declares as ``tenant`` has it installed (None: not installed)."""
-    for plugin in management.installed(request.app.state.daemon.runtime, tenant):
-        if plugin.plugin_id == plugin_id:
-            return plugin.declaration.get("endpoint") or EMPTY_DECLARATION
-    return None
+async def _installed(
+    request: Request, tenant: str, found: Callable[[list[management.Installed]], bool]
+) -> list[management.Installed]:
+    """The tenant's plugins; read its installations again first when ``found`` says they lack
+    what the request names: another daemon on the same database may have installed it."""
+    daemon = request.app.state.daemon
+    plugins = list(management.installed(daemon.runtime, tenant))
+    if not found(plugins) and daemon.runtime.installs is not None:
+        await daemon.runtime.installs.refresh(tenant)
+        plugins = list(management.installed(daemon.runtime, tenant))
+    return plugins
+
+
+async def declarations_of(
+    request: Request, tenant: str, plugin_ids: set[str]
+) -> dict[str, Mapping[str, Any]]:
+    """The endpoint group each of ``plugin_ids`` declares as ``tenant`` has it (absent: not installed)."""
+    plugins = await _installed(request, tenant, lambda ps: plugin_ids <= {p.plugin_id for p in ps})
+    return {
+        p.plugin_id: p.declaration.get("endpoint") or EMPTY_DECLARATION
+        for p in plugins
+        if p.plugin_id in plugin_ids
+    }
 
 
 def _listed(endpoint: Endpoint, declaration: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -151,10 +168,8 @@ async def setup_endpoint(request: Request, tenant: str, endpoints: Endpoints) ->
     identifier = body.plugin_unique_identifier
     if not IDENTIFIER.match(identifier):
         raise BadRequest(400, f"plugin_unique_identifier is not valid: {identifier[:300]}")
-    runtime = request.app.state.daemon.runtime
-    plugin = next(
-        (p for p in management.installed(runtime, tenant) if p.unique_identifier == identifier), None
-    )
+    plugins = await _installed(request, tenant, lambda ps: any(p.unique_identifier == identifier for p in ps))
+    plugin = next((p for p in plugins if p.unique_identifier == identifier), None)
     if plugin is None:
         raise Refused(-404, PLUGIN_NOT_FOUND, "plugin not found")
     declared = plugin.declaration
@@ -174,7 +189,8 @@ async def setup_endpoint(request: Request, tenant: str, endpoints: Endpoints) ->
 async def list_endpoints(request: Request, tenant: str, endpoints: Endpoints) -> Any:
     page, size = _paged(request)
     rows = await endpoints.page(tenant, page, size)
-    return [_listed(e, declaration_of(request, tenant, e.plugin_id)) for e in rows]
+    declarations = await declarations_of(request, tenant, {e.plugin_id for e in rows})
+    return [_listed(e, declarations.get(e.plugin_id)) for e in rows]
 
 
 @route
@@ -184,7 +200,7 @@ async def list_plugin_endpoints(request: Request, tenant: str, endpoints: Endpoi
         raise BadRequest(400, "missing query parameter: plugin_id")
     page, size = _paged(request)
     rows = await endpoints.page(tenant, page, size, plugin_id)
-    declaration = declaration_of(request, tenant, plugin_id)
+    declaration = (await declarations_of(request, tenant, {plugin_id} if rows else set())).get(plugin_id)
     return [_listed(e, declaration) for e in rows]
 
 
@@ -194,7 +210,7 @@ async def update_endpoint(request: Request, tenant: str, endpoints: Endpoints) -
     endpoint = await endpoints.get(tenant, body.endpoint_id)
     if endpoint is None:
         raise _not_found()
-    declaration = declaration_of(request, tenant, endpoint.plugin_id)
+    declaration = (await declarations_of(request, tenant, {endpoint.plugin_id})).get(endpoint.plugin_id)
     if declaration is None:
         raise Refused(-404, NOT_FOUND, "failed to find plugin installation")
     configs = declaration.get("settings") or []

@@ -121,6 +121,12 @@ class Endpoint:
         }
 
 
+def remove_of_plugin(connection: sa.Connection, tenant_id: str, plugin_id: str) -> int:
+    """Delete the tenant's endpoints of ``plugin_id`` (an uninstall, in its transaction): how many."""
+    where = (ENDPOINTS.c.tenant_id == tenant_id, ENDPOINTS.c.plugin_id == plugin_id)
+    return int(connection.execute(ENDPOINTS.delete().where(*where)).rowcount or 0)
+
+
 class Endpoints:
     """Queries on the table, each in one transaction of the daemon's database."""
 
@@ -170,6 +176,18 @@ class Endpoints:
         query = query.offset((page - 1) * size).limit(size)
         rows = await self.database.run(lambda c: c.execute(query).all())
         return [Endpoint._of(row) for row in rows]
+
+    async def counts(self, tenant_id: str) -> dict[str, tuple[int, int]]:
+        """Per plugin id, how many endpoints the tenant has set up, and how many are enabled
+        (``endpoints_setups`` and ``endpoints_active`` of an installation, as upstream lists them)."""
+        enabled = sa.func.sum(sa.case((ENDPOINTS.c.enabled, 1), else_=0))
+        query = (
+            sa.select(ENDPOINTS.c.plugin_id, sa.func.count(), enabled)
+            .where(ENDPOINTS.c.tenant_id == tenant_id)
+            .group_by(ENDPOINTS.c.plugin_id)
+        )
+        rows = await self.database.run(lambda c: c.execute(query).all())
+        return {plugin_id: (int(total), int(active or 0)) for plugin_id, total, active in rows}
 
     async def get(self, tenant_id: str, endpoint_id: str) -> Endpoint | None:
         query = sa.select(ENDPOINTS).where(ENDPOINTS.c.tenant_id == tenant_id, ENDPOINTS.c.id == endpoint_id)

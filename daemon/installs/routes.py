@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from daemon import management
 from daemon.dispatch import BadRequest, check_key, tenant_id
 from daemon.dispatch.request import parse, read_json
+from daemon.endpoints import store as endpoint_store
 from daemon.installs import jobs, store
 from daemon.installs.runtimes import Installations
 from daemon.packages import routes as package_routes
@@ -196,7 +197,14 @@ async def uninstall(request: Request, installs: Installations, tenant: str) -> A
     body: UninstallBody = await _body(request, UninstallBody)
     wanted = body.plugin_installation_id
     found = _row_id(wanted)
-    removed = None if found is None else await installs.change(lambda c: store.uninstall(c, tenant, found))
+
+    def remove(connection: Any) -> store.Installation | None:
+        row = store.uninstall(connection, tenant, found)
+        if row is not None and row.runtime_type != "remote":  # upstream keeps a remote one's
+            endpoint_store.remove_of_plugin(connection, tenant, row.plugin_id)
+        return row
+
+    removed = None if found is None else await installs.change(remove)
     if removed is None:
         for plugin in management.installed(request.app.state.daemon.runtime, tenant):
             if plugin.row is None and plugin.record("plugin")["id"] == wanted:
@@ -257,14 +265,15 @@ async def delete_task_item(request: Request, installs: Installations, tenant: st
     return True
 
 
-def _installation(plugin: management.Installed) -> dict[str, Any]:
+def _installation(plugin: management.Installed, counts: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """An installation as ``installation/fetch/batch`` answers it (``PluginInstallation``)."""
     record = plugin.record("plugin")
+    setups, active = counts.get(plugin.plugin_id, (0, 0))
     return {
         **record,
         "runtime_type": plugin.runtime_type,
-        "endpoints_setups": plugin.row.endpoints_setups if plugin.row else 0,
-        "endpoints_active": plugin.row.endpoints_active if plugin.row else 0,
+        "endpoints_setups": setups,
+        "endpoints_active": active,
         "source": plugin.source,
         "meta": dict(plugin.row.meta) if plugin.row else {},
         "version": plugin.declaration["version"],
@@ -283,7 +292,9 @@ async def fetch_batch(request: Request, installs: Installations, tenant: str) ->
     """``installation/fetch/batch``: the tenant's installations of these plugin ids."""
     body: BatchBody = await _body(request, BatchBody)
     wanted = set(body.plugin_ids)
-    return [_installation(p) for p in await _everything(request, installs, tenant) if p.plugin_id in wanted]
+    plugins = await _everything(request, installs, tenant)
+    counts = await management.endpoint_counts(request, tenant)
+    return [_installation(p, counts) for p in plugins if p.plugin_id in wanted]
 
 
 @route
