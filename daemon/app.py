@@ -9,7 +9,7 @@ import hmac
 import html
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlencode
 
 from prometheus_client.exposition import choose_encoder
@@ -45,6 +45,7 @@ from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
 from daemon.wire import get_codec, tool_request
 
 log = logging.getLogger(__name__)
+_Relay = TypeVar("_Relay", bound=Invocation)
 PACKAGES = "/plugin/{tenant_id}/management"
 
 
@@ -119,6 +120,20 @@ class Daemon:
             await asyncio.to_thread(self.database.close)
         self.tracing.shutdown()
 
+    def invocation(self, kind: type[_Relay], instance: Any, request: dict[str, Any], session: Any) -> _Relay:
+        """A session's relay with this daemon's codec, deadline, design, tracing and write timeout."""
+        settings = self.settings
+        return kind(
+            instance,
+            request,
+            session,
+            codec=self.codec,
+            timeout=settings.plugin_max_execution_timeout,
+            design=settings.validator.value,
+            traced=self.tracing.enabled,
+            write_timeout=settings.client_write_timeout,
+        )
+
 
 def _error(exc: BadRequest) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
@@ -164,16 +179,7 @@ def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
             endpoint_id=parsed.endpoint_id,
             context=parsed.context,
         )
-        invocation = Invocation(
-            instance,
-            envelope,
-            session,
-            codec=daemon.codec,
-            timeout=settings.plugin_max_execution_timeout,
-            design=settings.validator.value,
-            traced=daemon.tracing.enabled,
-            write_timeout=settings.client_write_timeout,
-        )
+        invocation = daemon.invocation(Invocation, instance, envelope, session)
         response = OneAnswer(invocation) if kind.framing == "json" else invocation.response()
         return daemon.drain.guard(session, response)  # type: ignore[return-value]
 

@@ -124,8 +124,7 @@ class Invocation:
             self._record(series, span, started)
 
     async def _relay(self, send_body: SendBody, started: float) -> None:
-        session, codec = self.session, self.codec
-        clock = time.perf_counter
+        session = self.session
         try:
             await self.instance.open_session(session, self.request)
             # asyncio's own deadline (a timer handle), not a cancel scope: paid once per invocation.
@@ -134,20 +133,13 @@ class Invocation:
                 async with deadline:
                     try:
                         async for batch in session.batches():
-                            encode_started = clock()
-                            body = b"".join([wire.sse_success(codec, message) for message in batch])
-                            self.encode_seconds += clock() - encode_started
-                            self.messages_out += len(batch)
-                            self.bytes_out += len(body)
-                            if self.first_event_at is None:
-                                self.first_event_at = clock()
-                            await send_body(body)
+                            await self._forward(batch, send_body)
                         self.outcome = "success"
                     except SessionError as error:
                         if self.outcome != CLIENT_GONE:
                             self.outcome = error.error_type
                             self.error = f"{error.error_type}: {error.message}"
-                        await send_body(wire.sse_error(codec, error.error_type, error.message, error.details))
+                        await self._fail(error, send_body)
             except TimeoutError:
                 if not deadline.expired():
                     raise
@@ -158,13 +150,37 @@ class Invocation:
                 session.close(SessionError(TIMEOUT, message))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(FINAL_EVENT_GRACE):
-                        await send_body(wire.sse_daemon_error(codec, message))
+                        await self._fail_timeout(message, send_body)
         finally:
             log.debug("session %s on %s ended: %s", session.id, self.instance.name, self.outcome)
             self.instance.release(session)
             if not session.closed:
                 session.close()
             session.stream.discard()
+
+    # How messages and failures are framed for the client: server-sent events here; a subclass
+    # that answers in another form (an endpoint's HTTP response) overrides these three.
+
+    async def _forward(self, batch: list[Any], send_body: SendBody) -> None:
+        """One batch of the plugin's messages, as one write of success events."""
+        clock = time.perf_counter
+        encode_started = clock()
+        codec = self.codec
+        body = b"".join([wire.sse_success(codec, message) for message in batch])
+        self.encode_seconds += clock() - encode_started
+        self.messages_out += len(batch)
+        self.bytes_out += len(body)
+        if self.first_event_at is None:
+            self.first_event_at = clock()
+        await send_body(body)
+
+    async def _fail(self, error: SessionError, send_body: SendBody) -> None:
+        """The session failed: its final error event."""
+        await send_body(wire.sse_error(self.codec, error.error_type, error.message, error.details))
+
+    async def _fail_timeout(self, message: str, send_body: SendBody) -> None:
+        """The plugin ran past its deadline: the daemon's own final error event."""
+        await send_body(wire.sse_daemon_error(self.codec, message))
 
     def _record(self, series: metrics.InvocationSeries, span: Span, started: float) -> None:
         """Metrics and span attributes, once per session: never per message."""

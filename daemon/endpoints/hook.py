@@ -20,9 +20,7 @@ body, as upstream writes it there.
 
 from __future__ import annotations
 
-import asyncio
 import binascii
-import contextlib
 import logging
 import re
 import time
@@ -151,16 +149,7 @@ async def invoke(request: Request) -> Response | ASGIApp:
         data={"raw_http_request": raw.hex(), "settings": dict(endpoint.settings)},
         endpoint_id=endpoint.id,
     )
-    relay = EndpointInvocation(
-        instance,
-        message,
-        session,
-        codec=daemon.codec,
-        timeout=settings.plugin_max_execution_timeout,
-        design=settings.validator.value,
-        traced=daemon.tracing.enabled,
-        write_timeout=settings.client_write_timeout,
-    )
+    relay = daemon.invocation(EndpointInvocation, instance, message, session)
     return daemon.drain.guard(session, relay.http_response())
 
 
@@ -233,40 +222,6 @@ class EndpointInvocation(Invocation):
             return
         self.headers.append((lowered, value))
 
-    async def _relay(self, send_body: Any, started: float) -> None:
-        session = self.session
-        try:
-            await self.instance.open_session(session, self.request)
-            deadline = asyncio.timeout(self.timeout)
-            try:
-                async with deadline:
-                    try:
-                        async for batch in session.batches():
-                            await self._forward(batch, send_body)
-                        self.outcome = "success"
-                    except SessionError as error:
-                        self.outcome = error.error_type if self.outcome == "pending" else self.outcome
-                        self.error = f"{error.error_type}: {error.message}"
-                        session.close(error)
-                        await self._fail(send_body, error, stream_error(error))
-            except TimeoutError:
-                if not deadline.expired():
-                    raise
-                self.outcome = TIMEOUT
-                message = f"killed by timeout: the plugin did not finish within {self.timeout:g} s"
-                self.error = f"{TIMEOUT}: {message}"
-                session.close(SessionError(TIMEOUT, message))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(5.0):
-                        await self._fail(
-                            send_body, SessionError(TIMEOUT, message), envelope(-500, INTERNAL_ERROR, message)
-                        )
-        finally:
-            self.instance.release(session)
-            if not session.closed:
-                session.close()
-            session.stream.discard()
-
     async def _forward(self, batch: list[Any], send_body: Any) -> None:
         chunks = [chunk for chunk in map(self._take, batch) if chunk is not None]
         self.messages_out += len(batch)
@@ -281,7 +236,16 @@ class EndpointInvocation(Invocation):
         self.bytes_out += len(body)
         await send_body(body)
 
-    async def _fail(self, send_body: Any, error: SessionError, body: dict[str, Any]) -> None:
+    async def _fail(self, error: SessionError, send_body: Any) -> None:
+        self.session.close(error)
+        await self._answer_failure(error, stream_error(error), send_body)
+
+    async def _fail_timeout(self, message: str, send_body: Any) -> None:
+        await self._answer_failure(
+            SessionError(TIMEOUT, message), envelope(-500, INTERNAL_ERROR, message), send_body
+        )
+
+    async def _answer_failure(self, error: SessionError, body: dict[str, Any], send_body: Any) -> None:
         """A failure before the head: a JSON error response. After it: the message ends the body."""
         log.warning("endpoint session %s ended: %s: %s", self.session.id, error.error_type, error.message)
         if self.head is None:
