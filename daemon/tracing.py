@@ -20,14 +20,15 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.errors import unwrap
@@ -224,13 +225,91 @@ def _stream_error(event: bytes) -> str:
         return "the stream ended with an error event"
 
 
-class TracingMiddleware:
-    """A server span per HTTP request, named by route template, parented by ``traceparent``.
+class RequestSpan:
+    """One HTTP request's server span, made current in the request's task until :meth:`end`.
 
     The span stays open until the response is complete, so for an event stream it
-    covers the whole relay and the ``plugin.session`` span nests inside it. Only the
-    headers the configured propagators read are decoded, and only when present.
+    covers the whole relay and the ``plugin.session`` span nests inside it. Used by
+    :class:`TracingMiddleware` and by the direct dispatch path (``daemon/direct.py``).
     """
+
+    __slots__ = ("_current", "failure", "method", "path", "plugin_id", "span", "status")
+
+    def __init__(
+        self, span_scope: AbstractContextManager[Span], method: str, path: str, plugin_id: str | None
+    ):
+        self._current = span_scope
+        self.span = span_scope.__enter__()
+        self.method = method
+        self.path = path
+        self.plugin_id = plugin_id
+        self.status = 0
+        self.failure: bytes | None = None  # the final SSE error event, if the stream ended in one
+
+    def watch(self, body: bytes) -> None:
+        """A chunk of the response body: a final error event marks the span failed."""
+        if body.startswith(_SSE_ERROR):
+            self.failure = body
+
+    def end(self, route: str | None, tenant: str | None, exc: BaseException | None = None) -> None:
+        span = self.span
+        method = self.method
+        span.update_name(f"{method} {route or self.path}")
+        if span.is_recording():
+            attributes: dict[str, Any] = {
+                "http.request.method": method,
+                "url.path": self.path,
+                "http.response.status_code": self.status,
+            }
+            if route:
+                attributes["http.route"] = route
+            if tenant:
+                attributes["tenant.id"] = tenant
+            if self.plugin_id is not None:
+                attributes["plugin.id"] = self.plugin_id
+            span.set_attributes(attributes)
+            if self.failure is not None:  # a 200 whose stream ended in an error event
+                error = _stream_error(self.failure)
+                span.set_attribute("error.type", error.partition(":")[0])
+                span.set_status(Status(StatusCode.ERROR, error))
+            elif self.status >= 500:
+                span.set_status(Status(StatusCode.ERROR, f"HTTP {self.status}"))
+        self._current.__exit__(type(exc) if exc else None, exc, None)
+
+
+class ServerSpans:
+    """Starts the server span of each traced HTTP request, parented by ``traceparent``.
+
+    Only the headers the configured propagators read are decoded, and only when present.
+    """
+
+    def __init__(self, untraced: Collection[str] = POLLING_PATHS) -> None:
+        self.untraced = frozenset(untraced)
+        self.tracer = trace.get_tracer(__name__)
+        self.fields = {name.encode("latin-1") for name in propagate.get_global_textmap().fields}
+
+    def traced(self, path: str) -> bool:
+        return path not in self.untraced and not path.startswith("/debug/")
+
+    def begin(self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> RequestSpan:
+        carrier: dict[str, str] = {}
+        plugin_id = None
+        fields = self.fields
+        for key, value in headers:
+            if key in fields:
+                carrier[key.decode("latin-1")] = value.decode("latin-1")
+            elif key == b"x-plugin-id":
+                plugin_id = value.decode("latin-1")
+        scope = self.tracer.start_as_current_span(
+            f"{method} {path}",
+            context=propagate.extract(carrier) if carrier else None,
+            kind=SpanKind.SERVER,
+        )
+        return RequestSpan(scope, method, path, plugin_id)
+
+
+class TracingMiddleware:
+    """A server span per HTTP request (:class:`RequestSpan`), named by route template."""
 
     def __init__(
         self,
@@ -240,61 +319,28 @@ class TracingMiddleware:
     ) -> None:
         self.app = app
         self.routes = routes
-        self.untraced = frozenset(untraced)
-        self.tracer = trace.get_tracer(__name__)
-        self.fields = {name.encode("latin-1") for name in propagate.get_global_textmap().fields}
+        self.spans = ServerSpans(untraced)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in self.untraced or path.startswith("/debug/"):
+        if scope["type"] != "http" or not self.spans.traced(path):
             await self.app(scope, receive, send)
             return
-        carrier: dict[str, str] = {}
-        plugin_id = None
-        for key, value in scope["headers"]:
-            if key in self.fields:
-                carrier[key.decode("latin-1")] = value.decode("latin-1")
-            elif key == b"x-plugin-id":
-                plugin_id = value.decode("latin-1")
-        method = scope["method"]
-        status = 0
-        failure: bytes | None = None
+        request = self.spans.begin(scope["method"], path, scope["headers"])
 
         async def send_and_watch(message: Message) -> None:
-            nonlocal status, failure
             if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and message.get("body", b"").startswith(_SSE_ERROR):
-                failure = message["body"]
+                request.status = message["status"]
+            elif message["type"] == "http.response.body":
+                request.watch(message.get("body", b""))
             await send(message)
 
-        with self.tracer.start_as_current_span(
-            f"{method} {scope['path']}",
-            context=propagate.extract(carrier) if carrier else None,
-            kind=SpanKind.SERVER,
-        ) as span:
-            try:
-                await self.app(scope, receive, send_and_watch)
-            finally:
-                route = self.routes.get(scope.get("endpoint"))  # type: ignore[arg-type]
-                span.update_name(f"{method} {route or scope['path']}")
-                if span.is_recording():
-                    attributes: dict[str, Any] = {
-                        "http.request.method": method,
-                        "url.path": scope["path"],
-                        "http.response.status_code": status,
-                    }
-                    if route:
-                        attributes["http.route"] = route
-                    tenant = (scope.get("path_params") or {}).get("tenant_id")
-                    if tenant:
-                        attributes["tenant.id"] = tenant
-                    if plugin_id is not None:
-                        attributes["plugin.id"] = plugin_id
-                    span.set_attributes(attributes)
-                    if failure is not None:  # a 200 whose stream ended in an error event
-                        error = _stream_error(failure)
-                        span.set_attribute("error.type", error.partition(":")[0])
-                        span.set_status(Status(StatusCode.ERROR, error))
-                    elif status >= 500:
-                        span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
+        failed: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_and_watch)
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            route = self.routes.get(scope.get("endpoint"))  # type: ignore[arg-type]
+            request.end(route, (scope.get("path_params") or {}).get("tenant_id"), failed)
