@@ -50,11 +50,18 @@ def variant_set(name: str, revision: str | None, steps: list[str] | None = None)
         "relay": [
             RELAY_FAST,
             RELAY_JSON,
-            daemon_variant("daemon owner"),
-            daemon_variant("daemon owner traced", tracing=True),
-            # What the schema check costs: the same daemon without it, and with the Rust backend.
+            # The daemon as shipped: the owner design on the jsonschema-rs backend.
+            daemon_variant("daemon owner", backend="jsonschema-rs"),
+            daemon_variant("daemon owner traced", backend="jsonschema-rs", tracing=True),
+            # What the schema check costs: the same daemon without it, and with pure-Python jsonschema.
             daemon_variant("daemon none", validator="none"),
-            daemon_variant("daemon owner rs", backend="jsonschema-rs"),
+            daemon_variant("daemon owner py"),
+            # The same daemon with dispatch served through the ASGI application.
+            Variant(
+                "daemon owner asgi",
+                "daemon",
+                daemon_variant("", backend="jsonschema-rs").settings | {"server_direct_dispatch": "false"},
+            ),
         ],
         "tracing": [daemon_variant("tracing off"), daemon_variant("tracing on", tracing=True)],
         "tracing-aa": [

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp
 
 from daemon import __version__, access, dispatch, management, metrics, profiling, tracepage
 from daemon.config import Access, Settings
+from daemon.direct import DirectDispatch
 from daemon.dispatch import KINDS, BadRequest, Kind
 from daemon.dispatch.answer import OneAnswer
 from daemon.endpoints import hook as endpoint_hook
@@ -41,7 +42,7 @@ from daemon.runtime.backwards import BackwardsServices
 from daemon.shutdown import Drain
 from daemon.state import Database, DatabaseError, PluginStorage
 from daemon.state.storage import import_legacy
-from daemon.tracing import Tracing, TracingMiddleware, setup_tracing
+from daemon.tracing import ServerSpans, Tracing, TracingMiddleware, setup_tracing
 from daemon.wire import get_codec, tool_request
 
 log = logging.getLogger(__name__)
@@ -134,38 +135,31 @@ class Daemon:
             write_timeout=settings.client_write_timeout,
         )
 
+    async def start_dispatch(self, kind: Kind, request: Request) -> Invocation:
+        """A dispatch request's checks, a ready instance and its session; raises :class:`BadRequest`.
 
-def _error(exc: BadRequest) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
-
-
-def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
-    """The route of one dispatch kind: checks, a ready instance, then the relayed session."""
-
-    async def endpoint(request: Request) -> Response:
-        daemon: Daemon = request.app.state.daemon
-        settings = daemon.settings
-        assert daemon.runtime is not None
-        if daemon.drain.draining:
-            return _error(BadRequest(503, "the daemon is shutting down"))
+        ``request`` is Starlette's or a :class:`daemon.direct.DirectRequest`: headers, path
+        parameters and the body as a stream are all that is read."""
+        settings = self.settings
+        assert self.runtime is not None
+        if self.drain.draining:
+            raise BadRequest(503, "the daemon is shutting down")
         try:
             ready = await dispatch.prepare(
                 request,
                 kind,
-                server_key=daemon.server_key,
-                find_pool=daemon.runtime.pool_for,
-                on_miss=daemon.runtime.resolve,
+                server_key=self.server_key,
+                find_pool=self.runtime.pool_for,
+                on_miss=self.runtime.resolve,
                 limit=settings.max_request_body_bytes,
             )
             instance = await ready.pool.acquire(settings.plugin_ready_timeout)
-        except BadRequest as exc:
-            return _error(exc)
         except PluginUnavailable as exc:
             # Dify's client treats "plugin runtime not found" as a transient outage worth a retry.
-            return _error(BadRequest(503, f"plugin runtime not found: {exc}"))
+            raise BadRequest(503, f"plugin runtime not found: {exc}") from None
         parsed = ready.parsed
         session = new_session(
-            instance, ready.tool, settings=settings, tenant_id=ready.tenant, budget=daemon.buffers
+            instance, ready.tool, settings=settings, tenant_id=ready.tenant, budget=self.buffers
         )
         envelope = tool_request(
             session.id,
@@ -179,9 +173,24 @@ def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
             endpoint_id=parsed.endpoint_id,
             context=parsed.context,
         )
-        invocation = daemon.invocation(Invocation, instance, envelope, session)
+        return self.invocation(Invocation, instance, envelope, session)
+
+
+def _error(exc: BadRequest) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def dispatch_endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
+    """The ASGI route of one dispatch kind (``daemon/direct.py`` serves most without ASGI)."""
+
+    async def endpoint(request: Request) -> Response:
+        daemon: Daemon = request.app.state.daemon
+        try:
+            invocation = await daemon.start_dispatch(kind, request)
+        except BadRequest as exc:
+            return _error(exc)
         response = OneAnswer(invocation) if kind.framing == "json" else invocation.response()
-        return daemon.drain.guard(session, response)  # type: ignore[return-value]
+        return daemon.drain.guard(invocation.session, response)  # type: ignore[return-value]
 
     endpoint.__name__ = endpoint.__qualname__ = kind.action
     return endpoint
@@ -366,8 +375,7 @@ def create_app(
     middleware = [Middleware(BodyLimit, limit=settings.max_request_body_bytes, larger=larger)]
     if tracing.enabled:
         templates = {route.endpoint: route.path for route in routes}
-        untraced = [p.strip() for p in settings.trace_untraced_paths.split(",") if p.strip()]
-        middleware.append(Middleware(TracingMiddleware, routes=templates, untraced=untraced))
+        middleware.append(Middleware(TracingMiddleware, routes=templates, untraced=untraced_paths(settings)))
     app = DaemonApp(
         routes=routes,
         middleware=middleware,
@@ -378,7 +386,13 @@ def create_app(
         {route.path: route.endpoint for route in dispatch_routes}, lambda inner: _wrap(inner, middleware)
     )
     app.state.daemon = daemon
+    spans = ServerSpans(untraced_paths(settings)) if tracing.enabled else None
+    app.state.direct = DirectDispatch(daemon, spans)
     return app
+
+
+def untraced_paths(settings: Settings) -> list[str]:
+    return [p.strip() for p in settings.trace_untraced_paths.split(",") if p.strip()]
 
 
 def _wrap(app: ASGIApp, middleware: list[Middleware]) -> ASGIApp:

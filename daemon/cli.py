@@ -255,7 +255,7 @@ def open_database(settings: Settings) -> Database:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    from daemon import isolation
+    from daemon import direct, isolation
     from daemon.app import create_app
     from daemon.limits import protocol
     from daemon.shutdown import FINAL_EVENT_GRACE, DrainingServer
@@ -273,11 +273,14 @@ def serve(settings: Settings) -> None:
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     app = create_app(settings, key, database=database)
+    http = protocol(settings.server_max_header_bytes, settings.server_request_read_timeout)
+    if settings.server_direct_dispatch:
+        http = direct.protocol(http, app.state.direct)
     loop = settings.event_loop.value
     config = uvicorn.Config(
         app,
         loop=loop,
-        http=protocol(settings.server_max_header_bytes, settings.server_request_read_timeout),
+        http=http,
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=FINAL_EVENT_GRACE,

@@ -132,7 +132,7 @@ class Invocation:
             try:
                 async with deadline:
                     try:
-                        async for batch in session.batches():
+                        while batch := await session.next_batch():
                             await self._forward(batch, send_body)
                         self.outcome = "success"
                     except SessionError as error:

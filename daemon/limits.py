@@ -28,7 +28,7 @@ from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, envelope
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 
 
-def _json_error(status: int, message: str) -> bytes:
+def json_error(status: int, message: str) -> bytes:
     """Upstream's error body, as every other refusal of the daemon has it."""
     server_side = status >= 500
     error_type = INTERNAL_ERROR if server_side else BAD_REQUEST
@@ -66,7 +66,7 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
             self._in_head = False
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
             if size <= max_head_bytes:
-                super().on_headers_complete()
+                self.start_request()
                 return
             # The head arrived whole in one read: answer it with a 431 app instead of ours.
             app, self.app = self.app, _refusal(431, f"request head larger than {max_head_bytes} bytes")
@@ -74,6 +74,10 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
                 super().on_headers_complete()
             finally:
                 self.app = app
+
+        def start_request(self) -> None:
+            """A head within bounds: start its request (``daemon/direct.py`` serves some itself)."""
+            super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             self._cancel_deadline()
@@ -104,7 +108,7 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
                 self.transport.close()
 
         def _refuse(self, status: int, message: str) -> None:
-            body = _json_error(status, message)
+            body = json_error(status, message)
             head = (
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
@@ -119,7 +123,7 @@ def _refusal(status: int, message: str) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": _json_error(status, message)})
+        await send({"type": "http.response.body", "body": json_error(status, message)})
 
     return app
 

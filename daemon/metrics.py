@@ -8,8 +8,12 @@ error types all count as ``plugin_error``).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
+import math
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -17,13 +21,14 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
 
 from daemon.config import ValidatorDesign
 from daemon.errors import (
@@ -69,10 +74,90 @@ OUTCOMES = {
 
 
 TERMINATIONS = ("slow_client", "timeout")
+VERDICTS = ("pass", "fail", "crash")  # of an output validation
 
 
 def outcome_label(outcome: str) -> str:
     return OUTCOMES.get(outcome, "plugin_error")
+
+
+class BatchHistogram(Collector):
+    """A labelled histogram whose observations are applied in batches, without a lock each.
+
+    ``prometheus_client``'s ``Histogram.observe`` takes a lock and walks the buckets, for
+    every value; per session that was several of them on the loop. Here a batch of values
+    (all sessions since the last flush) is counted with :func:`bisect.bisect_left` into plain
+    lists, on whichever thread flushes, under one lock; a scrape reads the counts. The
+    series are exposed exactly as ``Histogram`` exposes them (``_bucket`` with ``le``,
+    ``_count``, ``_sum``, an exemplar per bucket in OpenMetrics).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...], registry: Any
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds = [float(b) for b in buckets]
+        self._bucket_names = [floatToGoString(b) for b in (*self.bounds, math.inf)]
+        self._series: dict[tuple[str, ...], _HistogramCounts] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramCounts:
+        """The series of these label values, created (at zero) on first use."""
+        counts = self._series.get(values)
+        if counts is None:
+            with self._lock:
+                counts = self._series.setdefault(values, _HistogramCounts(self, len(self.bounds) + 1))
+        return counts
+
+    def describe(self) -> Iterable[Any]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[Any]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            series = [
+                (labels, list(c.counts), c.total, list(c.exemplars)) for labels, c in self._series.items()
+            ]
+        for labels, counts, total, exemplars in series:
+            buckets: list[Any] = []
+            cumulative = 0
+            for name, count, exemplar in zip(self._bucket_names, counts, exemplars, strict=True):
+                cumulative += count
+                buckets.append((name, cumulative, exemplar) if exemplar is not None else (name, cumulative))
+            family.add_metric(list(labels), buckets, total)
+        return [family]
+
+
+class _HistogramCounts:
+    """One label set's bucket counts (not cumulative), sum and latest exemplar per bucket."""
+
+    __slots__ = ("_histogram", "counts", "exemplars", "total")
+
+    def __init__(self, histogram: BatchHistogram, size: int) -> None:
+        self._histogram = histogram
+        self.counts = [0] * size
+        self.exemplars: list[Exemplar | None] = [None] * size
+        self.total = 0.0
+
+    def observe_many(self, values: list[float], exemplars: list[dict[str, str] | None] | None = None) -> None:
+        bounds = self._histogram.bounds
+        positions = [bisect.bisect_left(bounds, value) for value in values]
+        with self._histogram._lock:
+            counts = self.counts
+            for position in positions:
+                counts[position] += 1
+            self.total += sum(values)
+            if exemplars is not None:
+                now = time.time()
+                for position, value, labels in zip(positions, values, exemplars, strict=True):
+                    if labels is not None:
+                        self.exemplars[position] = Exemplar(labels, value, now)
+
+    def observe(self, value: float) -> None:
+        self.observe_many([value])
 
 
 invocations_total = Counter(
@@ -81,7 +166,7 @@ invocations_total = Counter(
     ["plugin_id", "operation", "status"],
     registry=REGISTRY,
 )
-invocation_duration = Histogram(
+invocation_duration = BatchHistogram(
     "plugin_invocation_duration_seconds",
     "From the request reaching a plugin instance to the last event sent.",
     ["plugin_id", "operation"],
@@ -91,7 +176,7 @@ invocation_duration = Histogram(
 invocations_active = Gauge(
     "plugin_invocations_active", "Invocations in flight.", ["plugin_id"], registry=REGISTRY
 )
-time_to_first_event = Histogram(
+time_to_first_event = BatchHistogram(
     "plugin_time_to_first_event_seconds",
     "From the request reaching a plugin instance to the first event sent to the caller.",
     ["plugin_id"],
@@ -107,7 +192,7 @@ bytes_relayed = Counter(
     ["plugin_id", "direction"],
     registry=REGISTRY,
 )
-validation_duration = Histogram(
+validation_duration = BatchHistogram(
     "plugin_output_validation_duration_seconds",
     "Time of one output validation.",
     ["design"],
@@ -138,7 +223,7 @@ session_terminations = Counter(
     ["plugin_id", "reason"],
     registry=REGISTRY,
 )
-session_buffer_peak = Histogram(
+session_buffer_peak = BatchHistogram(
     "plugin_session_buffer_peak_bytes",
     "The most bytes a session had queued for its caller at once.",
     ["plugin_id"],
@@ -149,7 +234,7 @@ session_buffer_peak = Histogram(
 for direction in ("decode", "encode"):
     serialization_seconds.labels(direction)
 for design in ValidatorDesign:
-    for verdict in ("pass", "fail", "crash"):
+    for verdict in VERDICTS:
         validations_total.labels(design.value, verdict)
 
 
@@ -189,6 +274,7 @@ FLUSH_EVERY = 256
 
 def flush() -> None:
     """Apply the recorded sessions to their series (any thread; each record is applied once)."""
+    _flush_validations()
     sums: dict[InvocationSeries, list[Any]] = {}
     pop = _pending.popleft
     while True:
@@ -198,7 +284,19 @@ def flush() -> None:
             break
         total = sums.get(series)
         if total is None:
-            total = sums[series] = [collections.Counter(), 0, 0, 0, 0.0, collections.Counter()]
+            total = sums[series] = [
+                collections.Counter(),
+                0,
+                0,
+                0,
+                0.0,
+                collections.Counter(),
+                [],
+                [],
+                [],
+                [],
+                [],
+            ]
         total[0][record.outcome] += 1
         total[1] += record.messages
         total[2] += record.bytes_in
@@ -206,11 +304,18 @@ def flush() -> None:
         total[4] += record.encode_seconds
         if record.termination is not None:
             total[5][record.termination] += 1
-        series.duration.observe(record.duration, record.exemplar)
+        total[6].append(record.duration)
+        total[7].append(record.exemplar)
         if record.time_to_first_event is not None:
-            series.time_to_first_event.observe(record.time_to_first_event, record.exemplar)
-        series.buffer_peak.observe(record.buffer_peak)
-    for series, (outcomes, messages, bytes_in, bytes_out, encode, terminations) in sums.items():
+            total[8].append(record.time_to_first_event)
+            total[9].append(record.exemplar)
+        total[10].append(record.buffer_peak)
+    for series, (outcomes, messages, bytes_in, bytes_out, encode, terminations, *observed) in sums.items():
+        durations, exemplars, firsts, first_exemplars, peaks = observed
+        series.duration.observe_many(durations, exemplars)
+        if firsts:
+            series.time_to_first_event.observe_many(firsts, first_exemplars)
+        series.buffer_peak.observe_many(peaks)
         for outcome, count in outcomes.items():
             series.ended(outcome).inc(count)
         series.messages.inc(messages)
@@ -281,9 +386,33 @@ class ValidationSeries:
 
     def __init__(self, design: str) -> None:
         self.duration = validation_duration.labels(design)
-        self.passed = validations_total.labels(design, "pass")
-        self.failed = validations_total.labels(design, "fail")
-        self.crashed = validations_total.labels(design, "crash")
+        self.verdicts = {verdict: validations_total.labels(design, verdict) for verdict in VERDICTS}
+
+    def record(self, seconds: float, verdict: str) -> None:
+        """Count one check (``pass``, ``fail`` or ``crash``), applied at the next scrape or flush."""
+        _pending_validations.append((self, seconds, verdict))
+        if len(_pending_validations) >= FLUSH_EVERY:
+            flush()
+
+
+_pending_validations: collections.deque[tuple[ValidationSeries, float, str]] = collections.deque()
+
+
+def _flush_validations() -> None:
+    checks: dict[ValidationSeries, tuple[list[float], collections.Counter[str]]] = {}
+    pop = _pending_validations.popleft
+    while True:
+        try:
+            series, seconds, verdict = pop()
+        except IndexError:
+            break
+        durations, verdicts = checks.setdefault(series, ([], collections.Counter()))
+        durations.append(seconds)
+        verdicts[verdict] += 1
+    for series, (durations, verdicts) in checks.items():
+        series.duration.observe_many(durations)
+        for verdict, count in verdicts.items():
+            series.verdicts[verdict].inc(count)
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 The producer side (``deliver``, ``finish``, ``fail``) is called by the instance's stdout
 reader, a callback on the event loop; ``close`` may also be called by the HTTP layer (client
 gone), by timeouts, and from other threads (an instance's end, which fails its sessions).
-The consumer side (``batches``) runs in the request's own task and is the only place that
+The consumer side (``next_batch``) runs in the request's own task and is the only place that
 applies output variables.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from opentelemetry.context import Context
@@ -104,16 +103,16 @@ class Session:
 
     # -- consumer side: the request's task -----------------------------------------
 
-    async def batches(self) -> AsyncIterator[list[Any]]:
-        """Yield tool messages in batches; raise :class:`SessionError` for a failed end."""
+    async def next_batch(self) -> list[Any]:
+        """The next batch of tool messages; ``[]`` at the clean end; raises :class:`SessionError`
+        for a failed end. A coroutine, not an async generator: the event loop tracks every async
+        generator in a weak set, a cost paid per session."""
         variables = self.variables
-        while True:
-            try:
-                batch = await self.stream.receive_batch()
-            except StreamOverflow as exc:
-                raise SessionError(SLOW_CLIENT, str(exc)) from None
-            if not batch:
-                break
+        try:
+            batch = await self.stream.receive_batch()
+        except StreamOverflow as exc:
+            raise SessionError(SLOW_CLIENT, str(exc)) from None
+        if batch:
             if variables is not None:
                 for message in batch:
                     if isinstance(message, dict) and message.get("type") == "variable":
@@ -121,7 +120,7 @@ class Session:
                             variables.apply(message.get("message") or {})
                         except VariableMessageError as exc:
                             raise SessionError(VARIABLE_ERROR, str(exc)) from None
-            yield batch
+            return batch
         if isinstance(self.close_failure, ValidationTimeout):
             raise SessionError(VALIDATION_TIMEOUT, str(self.close_failure))
         if self.close_failure is not None:
@@ -134,3 +133,4 @@ class Session:
                 raise SessionError(VALIDATION_TIMEOUT, str(exc)) from None
             if verdict is not None:
                 raise SessionError(VALIDATION_ERROR, verdict)
+        return []

@@ -45,16 +45,24 @@ class Drain:
     def active(self) -> int:
         return len(self._sessions)
 
+    def add(self, session: Session) -> None:
+        """``session`` is in flight until :meth:`discard` (call both on the loop)."""
+        self._sessions.add(session)
+        if self._idle.is_set():
+            self._idle.clear()
+
+    def discard(self, session: Session) -> None:
+        self._sessions.discard(session)
+        if not self._sessions:
+            self._idle.set()
+
     @contextlib.contextmanager
     def track(self, session: Session) -> Iterator[None]:
-        self._sessions.add(session)
-        self._idle.clear()
+        self.add(session)
         try:
             yield
         finally:
-            self._sessions.discard(session)
-            if not self._sessions:
-                self._idle.set()
+            self.discard(session)
 
     def guard(self, session: Session, response: ASGIApp) -> ASGIApp:
         """``response``, counted as in flight until its body has ended."""

@@ -131,11 +131,12 @@ class Stream(Generic[T]):
                     return []
                 waiter = self._waiter = self._loop.create_future()
             try:
-                await waiter
-            finally:
+                await waiter  # whoever wakes it has taken it from ``_waiter``
+            except BaseException:
                 with self._lock:
                     if self._waiter is waiter:
                         self._waiter = None
+                raise
 
     def _wake(self, waiter: asyncio.Future[None] | None) -> None:
         if waiter is None:

@@ -356,11 +356,9 @@ class OutputVariables:
             self.validated_count = len(snapshot)
             self.verdict = self.schema.check(snapshot)
         except Exception:
-            series.crashed.inc()
+            series.record(time.perf_counter() - started, "crash")
             raise
-        finally:
-            series.duration.observe(time.perf_counter() - started)
-        (series.passed if self.verdict is None else series.failed).inc()
+        series.record(time.perf_counter() - started, "pass" if self.verdict is None else "fail")
         return len(snapshot)
 
 

@@ -138,3 +138,34 @@ def test_loopback_access_asks_forwarded_clients_for_the_key(
     assert httpx.get(f"{daemon.url}/metrics", headers={**remote, "X-Api-Key": daemon.key}).status_code == 200
     assert httpx.get(f"{daemon.url}/debug/traces").status_code == 200
     assert httpx.get(f"{daemon.url}/debug/traces", headers=remote).status_code == 303
+
+
+@pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
+def test_a_batch_histogram_is_exposed_as_prometheus_histogram_exposes_it(openmetrics: bool) -> None:
+    """The batched histograms replace ``prometheus_client.Histogram``: same series, same text."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    from daemon.metrics import LATENCY_BUCKETS, BatchHistogram
+
+    values = [0.0, 0.001, 0.0011, 0.003, 0.3, 2.5, 7, 299.9, 300, 301, 1e9]
+    exemplars = [None, {"trace_id": "a" * 32}, None, None, {"trace_id": "b" * 32}] + [None] * 6
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("h_seconds", "doc", ["plugin_id"], buckets=LATENCY_BUCKETS, registry=theirs)
+    batch = BatchHistogram("h_seconds", "doc", ["plugin_id"], buckets=LATENCY_BUCKETS, registry=ours)
+    reference.labels("p/untouched")
+    batch.labels("p/untouched")
+    for value, exemplar in zip(values, exemplars, strict=True):
+        reference.labels("a/b").observe(value, exemplar)
+    batch.labels("a/b").observe_many(values[:4], exemplars[:4])
+    batch.labels("a/b").observe_many(values[4:], exemplars[4:])
+    generate = generate_openmetrics if openmetrics else generate_latest
+
+    def text(registry: CollectorRegistry) -> list[str]:  # exemplar timestamps differ
+        return [
+            line.rsplit(" ", 1)[0] if " # " in line else line
+            for line in generate(registry).decode().splitlines()
+        ]
+
+    assert text(ours) == text(theirs)

@@ -107,7 +107,7 @@ def new_session(design: ValidatorDesign, schema: OutputSchema = SCHEMA) -> Sessi
 async def consume(session: Session) -> tuple[int, SessionError | None]:
     count = 0
     try:
-        async for batch in session.batches():
+        while batch := await session.next_batch():
             count += len(batch)
     except SessionError as error:
         return count, error
@@ -185,7 +185,7 @@ def test_owner_is_correct_with_many_concurrent_sessions_and_racing_readers() -> 
         async def consume_slowly(session: Session) -> tuple[int, SessionError | None, int]:
             count = 0
             try:
-                async for batch in session.batches():
+                while batch := await session.next_batch():
                     count += len(batch)
                     await asyncio.sleep(0)  # a consumer that yields between every batch
             except SessionError as error:
@@ -274,7 +274,7 @@ def run_session(
         received: list[Any] = []
         error = None
         try:
-            async for batch in session.batches():
+            while batch := await session.next_batch():
                 received += batch
         except SessionError as exc:
             error = exc

@@ -174,23 +174,28 @@ async def read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"request body larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(413, f"request body larger than {limit} bytes")
-            chunks.append(chunk)
+        within = getattr(request, "body_within", None)  # a direct request's: no async generator
+        raw = await (within(limit) if within is not None else _streamed_body(request, limit))
     except ClientDisconnect:
         raise BadRequest(400, "the client disconnected before sending the whole body") from None
-    raw = b"".join(chunks)
     if not raw:
         raise BadRequest(400, "empty request body; expected a JSON object")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(400, f"malformed JSON body: {exc}") from None
+
+
+async def _streamed_body(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class _ToolData(dict[str, Any]):

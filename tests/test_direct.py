@@ -1,0 +1,190 @@
+"""Dispatch served directly by the HTTP protocol answers exactly as the ASGI application does.
+
+Two daemons over the same plugin, one with ``SERVER_DIRECT_DISPATCH`` (the default) and one
+without; every request below goes to both and the answers are compared: status, headers
+(but the date) and body. Then what only a connection shows: pipelined requests, keep-alive,
+``Connection: close``, and a client that leaves (one that stops reading: tests/test_limits.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from daemon.testing import Daemon, copy_plugin, parse_sse, start_daemon
+from tests.test_runtime import FP
+
+FASTPROTO = {"provider": "fastproto", "tool": "emit"}
+
+
+def _start(tmp: Path, **settings: Any) -> Daemon:
+    (tmp / "plugins").mkdir()
+    copy_plugin("fastproto", tmp / "plugins")
+    daemon = start_daemon(tmp / "plugins", tmp / "state", tmp / "daemon.log", **settings)
+    daemon.wait_ready(FP)
+    return daemon
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Daemon]]:
+    settings = {"max_request_body_bytes": 65536, "otel_traces_sampler": "always_on"}
+    direct = _start(tmp_path_factory.mktemp("direct"), **settings)
+    asgi = _start(tmp_path_factory.mktemp("asgi"), server_direct_dispatch="false", **settings)
+    yield direct, asgi
+    direct.stop()
+    asgi.stop()
+
+
+def _tool(**parameters: Any) -> dict[str, Any]:
+    return {"user_id": "u", "data": {**FASTPROTO, "tool_parameters": parameters}}
+
+
+# (path below /plugin/, headers to change (None removes), body as JSON or bytes)
+CASES: list[tuple[str, dict[str, str | None], Any]] = [
+    ("t1/dispatch/tool/invoke", {}, _tool()),
+    ("t1/dispatch/tool/invoke", {}, _tool(count=20, variables=4)),
+    ("t1/dispatch/tool/invoke", {}, _tool(count=3, size=70000)),
+    ("t1/dispatch/tool/invoke", {}, _tool(violate=True)),
+    ("t1/dispatch/tool/invoke", {}, _tool(stream_chunks=5)),
+    ("t1/dispatch/tool/invoke", {}, _tool(count=2, error_at=1)),
+    ("t1/dispatch/tool/invoke", {}, _tool(count=2, crash_at=1)),
+    ("t1/dispatch/tool/invoke", {}, {"user_id": "u", "data": {"provider": "fastproto", "tool": "nope"}}),
+    ("t1/dispatch/tool/invoke", {}, {"user_id": "u", "data": {"provider": "fastproto", "tool": 3}}),
+    ("t1/dispatch/tool/invoke", {}, {"data": {**FASTPROTO, "tool_parameters": [1]}}),
+    ("t1/dispatch/tool/invoke", {}, b'{"user_id": "u", "data": {"provider": "fas'),
+    ("t1/dispatch/tool/invoke", {}, b"[1, 2]"),
+    ("t1/dispatch/tool/invoke", {}, b""),
+    ("t1/dispatch/tool/invoke", {}, b"x" * 70000),
+    ("t1/dispatch/tool/invoke", {"content-type": "text/plain"}, _tool()),
+    ("t1/dispatch/tool/invoke", {"content-type": None}, _tool()),
+    ("t1/dispatch/tool/invoke", {"x-api-key": None}, _tool()),
+    ("t1/dispatch/tool/invoke", {"x-api-key": "wrong"}, _tool()),
+    ("t1/dispatch/tool/invoke", {"x-plugin-id": None}, _tool()),
+    ("t1/dispatch/tool/invoke", {"x-plugin-id": "demo/absent"}, _tool()),
+    ("t1/dispatch/tool/invoke", {"x-plugin-id": "not a plugin"}, _tool()),
+    ("t1/dispatch/tool/invoke", {"x-plugin-id": "demo/fastproto:0.1.0@0123abcd"}, _tool()),
+    ("bad%20tenant/dispatch/tool/invoke", {}, _tool()),
+    ("t%31/dispatch/tool/invoke", {}, _tool()),
+    ("t1/dispatch/tool/validate_credentials", {}, {"user_id": "u", "data": {"provider": "fastproto"}}),
+    ("t1/dispatch/tool/validate_credentials", {}, {"user_id": "u", "data": {"credentials": []}}),
+    ("t1/dispatch/tool/get_runtime_parameters", {}, {"user_id": "u", "data": FASTPROTO}),
+    ("t1/dispatch/llm/invoke", {}, {"user_id": "u", "data": {"provider": "p", "model": "m"}}),
+    ("t1/dispatch/model/polling/check", {}, {"user_id": "u", "data": {"provider": "p"}}),
+    ("t1/dispatch/nope", {}, _tool()),
+]
+
+
+def _request(daemon: Daemon, path: str, changes: dict[str, str | None], body: Any) -> httpx.Response:
+    headers: dict[str, str] = {**daemon.headers(FP), "content-type": "application/json"}
+    for name, value in changes.items():
+        headers.pop(name, None)
+        headers.pop(name.title(), None)
+        headers.pop(
+            "X-Api-Key" if name == "x-api-key" else "X-Plugin-ID" if name == "x-plugin-id" else name, None
+        )
+        if value is not None:
+            headers[name] = value
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{daemon.url}/plugin/{path}", headers=headers, content=content, timeout=60)
+
+
+def _comparable(r: httpx.Response) -> tuple[int, list[tuple[str, str]], str]:
+    headers = [(k, v) for k, v in r.headers.multi_items() if k != "date"]
+    # A session id is random per invocation and each daemon has its own directory; the rest
+    # of the body must match exactly.
+    body = re.sub(r"[0-9a-f]{32}", "<id>", r.text)
+    body = re.sub(r"/(direct|asgi)0/", "/<dir>/", body)
+    return r.status_code, headers, body
+
+
+@pytest.mark.parametrize(("path", "changes", "body"), CASES)
+def test_both_paths_give_the_same_answer(
+    pair: tuple[Daemon, Daemon], path: str, changes: dict[str, str | None], body: Any
+) -> None:
+    direct, asgi = pair
+    answer = _comparable(_request(direct, path, changes, body))
+    assert answer == _comparable(_request(asgi, path, changes, body))
+
+
+def test_an_invocation_is_answered_as_before(pair: tuple[Daemon, Daemon]) -> None:
+    direct, _ = pair
+    r = _request(direct, "t1/dispatch/tool/invoke", {}, _tool(count=2, variables=1))
+    assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+    assert r.headers["transfer-encoding"] == "chunked"
+    events = parse_sse(r.content)
+    assert [e.message["type"] for e in events] == ["text", "text", "variable", "variable"]
+
+
+def _raw_request(daemon: Daemon, body: dict[str, Any], *, close: bool = False) -> bytes:
+    content = json.dumps(body).encode()
+    headers = {**daemon.headers(FP), "content-type": "application/json", "content-length": str(len(content))}
+    if close:
+        headers["connection"] = "close"
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"POST /plugin/t1/dispatch/tool/invoke HTTP/1.1\r\nhost: x\r\n{head}\r\n".encode() + content
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    sock.settimeout(60)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(pair: tuple[Daemon, Daemon]) -> None:
+    direct, _ = pair
+    host, port = direct.url.removeprefix("http://").split(":")
+    requests = [_raw_request(direct, _tool(count=n, delay_ms=30 if n == 1 else 0)) for n in (1, 2)]
+    requests.append(_raw_request(direct, _tool(count=3), close=True))
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"".join(requests))
+        data = _read_until_closed(sock)
+    answers = data.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert len(answers) == 3, data[:2000]
+    texts = [a.count(b'"type":"text"') for a in answers]
+    assert texts == [1, 2, 3]
+    assert all(a.endswith(b"0\r\n\r\n") for a in answers)
+    assert b"connection: close" in answers[2] and b"connection: close" not in answers[0]
+
+
+def _sessions(daemon: Daemon) -> int:
+    return sum(i["sessions"] for i in daemon.plugins()[FP]["instances"])
+
+
+def _wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 30  # generous: only says the daemon did not hang
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_client_that_leaves_ends_its_session(pair: tuple[Daemon, Daemon]) -> None:
+    direct, _ = pair
+    host, port = direct.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(_raw_request(direct, _tool(hang=True)))
+        _wait_for(lambda: _sessions(direct) == 1, "the session never started")
+    _wait_for(lambda: _sessions(direct) == 0, "the session outlived its client")
+    assert _request(direct, "t1/dispatch/tool/invoke", {}, _tool()).status_code == 200
+
+
+def test_the_head_leaves_before_a_slow_plugin_answers(pair: tuple[Daemon, Daemon]) -> None:
+    """The head waits for the first events only briefly: a caller learns its request was taken."""
+    direct, _ = pair
+    with httpx.Client(timeout=30) as client:  # generous: only says the head did not wait for the plugin
+        request = {"headers": {**direct.headers(FP), "content-type": "application/json"}}
+        body = json.dumps(_tool(hang=True)).encode()
+        url = f"{direct.url}/plugin/t1/dispatch/tool/invoke"
+        with client.stream("POST", url, content=body, **request) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            assert _sessions(direct) == 1
