@@ -154,15 +154,17 @@ class DirectCycle:
     def head(self, status: int, headers: list[tuple[bytes, bytes]], *, chunked: bool = False) -> bytes:
         """A response head as uvicorn writes it: its default headers (server, date) first."""
         self.response_started = True
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
-        for name, value in (*self.protocol.server_state.default_headers, *headers):
-            lines.append(b"%s: %s\r\n" % (name, value))
-        if not self.keep_alive and CONNECTION_CLOSE not in headers:
-            lines.append(b"connection: close\r\n")
-        if chunked:
-            lines.append(b"transfer-encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        defaults = self.protocol.server_state.default_headers
+        if status == 200 and headers is EVENT_STREAM_HEADERS:
+            # The event-stream head changes only with the date (uvicorn makes a new list then).
+            key = (self.keep_alive, chunked)
+            cached = _event_stream_heads.get(key)
+            if cached is not None and cached[0] is defaults:
+                return cached[1]
+            head = _head(status, defaults, headers, self.keep_alive, chunked)
+            _event_stream_heads[key] = (defaults, head)
+            return head
+        return _head(status, defaults, headers, self.keep_alive, chunked)
 
     def answer_json(self, status: int, content: Any) -> None:
         """A whole JSON response, as Starlette's ``JSONResponse`` renders it."""
@@ -186,6 +188,27 @@ class DirectCycle:
             self.transport.close()
         on_response, self._on_response = self._on_response, _nothing
         on_response()
+
+
+_event_stream_heads: dict[tuple[bool, bool], tuple[list[tuple[bytes, bytes]], bytes]] = {}
+
+
+def _head(
+    status: int,
+    defaults: list[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]],
+    keep_alive: bool,
+    chunked: bool,
+) -> bytes:
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+    for name, value in (*defaults, *headers):
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if not keep_alive and CONNECTION_CLOSE not in headers:
+        lines.append(b"connection: close\r\n")
+    if chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def _nothing() -> None:

@@ -127,21 +127,19 @@ class Invocation:
         session = self.session
         try:
             await self.instance.open_session(session, self.request)
-            # asyncio's own deadline (a timer handle), not a cancel scope: paid once per invocation.
-            deadline = asyncio.timeout(self.timeout)
+            deadline = _Deadline(self.timeout)
             try:
-                async with deadline:
-                    try:
-                        while batch := await session.next_batch():
-                            await self._forward(batch, send_body)
-                        self.outcome = "success"
-                    except SessionError as error:
-                        if self.outcome != CLIENT_GONE:
-                            self.outcome = error.error_type
-                            self.error = f"{error.error_type}: {error.message}"
-                        await self._fail(error, send_body)
-            except TimeoutError:
-                if not deadline.expired():
+                try:
+                    while batch := await session.next_batch():
+                        await self._forward(batch, send_body)
+                    self.outcome = "success"
+                except SessionError as error:
+                    if self.outcome != CLIENT_GONE:
+                        self.outcome = error.error_type
+                        self.error = f"{error.error_type}: {error.message}"
+                    await self._fail(error, send_body)
+            except asyncio.CancelledError:
+                if not deadline.took_cancel():
                     raise
                 self.outcome = TIMEOUT
                 # Upstream's words ("killed by timeout") first, as its final event says them.
@@ -151,6 +149,8 @@ class Invocation:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(FINAL_EVENT_GRACE):
                         await self._fail_timeout(message, send_body)
+            finally:
+                deadline.cancel()
         finally:
             log.debug("session %s on %s ended: %s", session.id, self.instance.name, self.outcome)
             self.instance.release(session)
@@ -228,6 +228,33 @@ class Invocation:
             span.set_attribute("plugin.time_to_first_event_seconds", self.first_event_at - started)
         if outcome not in ("success", "client_gone"):
             span.set_status(Status(StatusCode.ERROR, self.error or self.outcome))
+
+
+class _Deadline:
+    """Cancels the current task after ``seconds``: what ``asyncio.timeout`` does, as one timer
+    handle and no context manager (paid once per invocation). The task's ``CancelledError`` is
+    the deadline's if :meth:`took_cancel` says so; any other cancel is left to propagate."""
+
+    __slots__ = ("_cancelling", "_handle", "_task", "expired")
+
+    def __init__(self, seconds: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._handle = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
+
+    def took_cancel(self) -> bool:
+        """Whether the ``CancelledError`` being handled is the deadline's alone (it is then taken back)."""
+        return self.expired and self._task.uncancel() <= self._cancelling
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def new_session(

@@ -246,8 +246,9 @@ def _tool_invoke(body: dict[str, Any]) -> _ToolInvoke | None:
     elif type(user_id) is not str or len(user_id) > 256:
         return None
     ids = [body.get(name) for name in _OPTIONAL_IDS]
-    if any(value is not None and type(value) is not str for value in ids):
-        return None
+    for value in ids:
+        if value is not None and type(value) is not str:
+            return None
     context = body.get("context")
     if context is None:
         context = {}
