@@ -57,12 +57,26 @@ CONNECTION_CLOSE = (b"connection", b"close")
 _REASONS = {200: b"OK"}
 
 
+class RawHeaders:
+    """A request's headers as Starlette's ``request.headers`` reads them (``get`` by lower-case
+    name, the first of repeated ones, latin-1), decoding only the few that are read."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        self._raw = dict(reversed(pairs))  # names are lower-case already (the protocol's doing)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self._raw.get(name.encode("latin-1"))
+        return default if value is None else value.decode("latin-1")
+
+
 class DirectRequest:
     """What :func:`daemon.dispatch.prepare` reads of a request: headers, path parameters, body."""
 
     __slots__ = ("_cycle", "headers", "path_params")
 
-    def __init__(self, cycle: DirectCycle, headers: dict[str, str], tenant: str) -> None:
+    def __init__(self, cycle: DirectCycle, headers: RawHeaders, tenant: str) -> None:
         self._cycle = cycle
         self.headers = headers
         self.path_params = {"tenant_id": tenant}
@@ -358,13 +372,8 @@ def take(protocol: HttpToolsProtocol, routes: Routes) -> DirectCycle | None:
     kind = routes.get(parts[3])
     if kind is None or parser.should_upgrade():
         return None
-    headers: dict[str, str] = {}
-    for name, value in protocol.headers:
-        key = name.decode("latin-1")
-        if key not in headers:  # the first of repeated headers, as Starlette's ``get`` reads
-            headers[key] = value.decode("latin-1")
     cycle = DirectCycle(protocol, kind, path, None, parser.should_keep_alive())
-    cycle.request = DirectRequest(cycle, headers, parts[2])
+    cycle.request = DirectRequest(cycle, RawHeaders(protocol.headers), parts[2])
     return cycle
 
 
