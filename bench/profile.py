@@ -116,6 +116,11 @@ _DAEMON_FUNCTIONS = {
     ("runtime.py", "_handle_lines"): "other",
     ("process.py", "_read_stdout"): "pipe reads",
     ("connection.py", "_handle_lines"): "other",
+    ("process.py", "data_received"): "pipe reads",  # the asyncio reader of the plugin's stdout
+    ("direct.py", "_flush"): "send path",
+    ("direct.py", "send_body"): "send path",
+    ("direct.py", "_writable"): "send path",
+    ("direct.py", "complete"): "send path",
     ("relay.py", "pipe_data_received"): "pipe reads",
     ("relay.py", "handle_lines"): "other",
     ("relay.py", "write_event"): "send path",
@@ -135,6 +140,9 @@ _DAEMON_MODULES = {
     "validation.py": "validation",
     "sse.py": "send path",
     "app.py": "request handling",
+    "direct.py": "request handling",  # the HTTP side of direct dispatch; its writes: send path
+    "entry.py": "request handling",
+    "limits.py": "request handling",
     "dispatch.py": "request handling",
     "codec.py": "request handling",  # wire.py before its rename
     "wire.py": "request handling",
