@@ -38,9 +38,10 @@ from opentelemetry import context as context_api
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    INVALID_SPAN,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
@@ -49,6 +50,7 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.propagation import _SPAN_KEY  # what get_current_span reads, read directly
 from opentelemetry.util import types
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,71 @@ _UNSET = Status(StatusCode.UNSET)
 _getrandbits = random.getrandbits
 _now = time.time_ns
 
+# Attribute key tuples, one per distinct set of keys (a call site's): kept spans share them.
+_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_MAX_KEY_SETS = 1024
+
+
+def shared_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The one kept tuple equal to ``keys`` (bounded: past the limit, ``keys`` itself)."""
+    if len(_KEYS) < _MAX_KEY_SETS:
+        return _KEYS.setdefault(keys, keys)
+    return keys
+
+
+def kept_size(text: int, attributes: int) -> int:
+    """Roughly the bytes a kept span holds: its strings, plus a fixed cost per field and
+    attribute (keys are the daemon's own short names, counted in that fixed cost)."""
+    return 400 + text + 150 * attributes
+
+
 # What a recorded span hands on when it ends: the ring (a tuple), and the batch exporter.
 KeepFn = Callable[[tuple[Any, ...]], None]
+
+
+# Decides for a trace's local root from its parent's span context (invalid when there is none).
+Decide = Callable[[SpanContext], bool]
+
+
+def _static(sampler: Any) -> bool | None:
+    return True if sampler is ALWAYS_ON else False if sampler is ALWAYS_OFF else None
+
+
+def fixed_decision(sampler: Sampler) -> Decide | None:
+    """The sampler's decision as a function of the parent alone, when that is all it reads.
+
+    ``always_on``, ``always_off`` and the ``parentbased_*`` samplers built on them (the
+    SDK's default is ``parentbased_always_on``) decide from the parent's sampled flag and
+    whether it is remote; asking them builds a ``SamplingResult`` per root span. Any other
+    sampler (ratio-based, or configured from an entry point) returns None and is asked.
+    """
+    decision = _static(sampler)
+    if decision is not None:
+        return lambda parent: decision
+    if type(sampler) is not ParentBased:
+        return None
+    delegates = [
+        _static(getattr(sampler, name, None))
+        for name in (
+            "_root",
+            "_remote_parent_sampled",
+            "_remote_parent_not_sampled",
+            "_local_parent_sampled",
+            "_local_parent_not_sampled",
+        )
+    ]
+    if None in delegates:
+        return None
+    root, remote_sampled, remote_unsampled, local_sampled, local_unsampled = delegates
+
+    def parent_based(parent: SpanContext) -> bool:
+        if not parent.is_valid:
+            return bool(root)
+        if parent.is_remote:
+            return bool(remote_sampled if parent.trace_flags.sampled else remote_unsampled)
+        return bool(local_sampled if parent.trace_flags.sampled else local_unsampled)
+
+    return parent_based
 
 
 class Limits:
@@ -103,6 +168,7 @@ class LeanSpan(trace.Span):
         "start_ns",
         "status_code",
         "status_description",
+        "text",
         "trace_id",
         "trace_state",
     )
@@ -133,6 +199,7 @@ class LeanSpan(trace.Span):
         self.status_code = StatusCode.UNSET
         self.status_description = ""
         self.events: list[Event] | None = None
+        self.text = 0  # characters of the string values set: what the trace ring budgets
         self._context: SpanContext | None = None
         if attributes:
             self.set_attributes(attributes)
@@ -158,19 +225,24 @@ class LeanSpan(trace.Span):
         limits = self._tracer.limits
         length, kept = limits.value_length, self.attributes
         full = len(kept) + len(attributes) > limits.count  # else no key can be over the count
+        text = 0
         for key, value in attributes.items():
             kind = type(value)
             if kind is str:
                 if len(value) > length:  # type: ignore[arg-type]
                     value = value[:length]  # type: ignore[index]
+                text += len(value)  # type: ignore[arg-type]
             elif kind is not int and kind is not float and kind is not bool:
                 value = _bounded(value, length)
                 if value is None:
                     log.debug("span attribute %s dropped: %s is not a valid value", key, kind.__name__)
                     continue
+                if type(value) is tuple:
+                    text += sum(len(v) + 56 if type(v) is str else 32 for v in value)
             if full and len(kept) >= limits.count and key not in kept:
                 continue
             kept[key] = value
+        self.text += text
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         limit = self._tracer.limits.value_length
@@ -215,21 +287,43 @@ class LeanSpan(trace.Span):
         self.end_ns = end_time or _now()
         self._tracer.ended(self)
 
+    def __enter__(self) -> LeanSpan:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        """``with span:`` ends it, as :func:`ending` does: an exception is recorded and,
+        unless a status was set, makes the span's status an error."""
+        if isinstance(exc, Exception) and not self.end_ns:
+            self.record_exception(exc)
+            if self.status_code is StatusCode.UNSET:
+                self.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+        self.end()
+
     # -- what the ring and the exporter take ---------------------------------------------------
 
     def plain(self) -> tuple[Any, ...]:
-        """The fields of :class:`daemon.tracing.KeptSpan`, as a bare tuple."""
+        """What the trace ring keeps: the span as a :data:`daemon.tracing.KeptFields` tuple.
+
+        Formatting (the trace id in hex, attributes sorted) waits for the trace page; the
+        attribute keys are one tuple shared by every span of a call site, and what is kept
+        holds no object the garbage collector must walk once it has seen it.
+        """
+        attributes = self.attributes
+        keys = tuple(attributes)
+        name, status = self.name, self.status_description
         return (
-            self.name,
-            format(self.trace_id, "032x"),
+            name,
+            self.trace_id,
             self.span_id,
             self.parent_id,
             self.parent_id is None or self.parent_remote,
             self.start_ns,
             self.end_ns,
             self.status_code is StatusCode.ERROR,
-            self.status_description,
-            tuple(sorted(self.attributes.items())),
+            status,
+            _KEYS.get(keys) or shared_keys(keys),
+            tuple(attributes.values()),
+            kept_size(len(name) + len(status) + self.text, len(keys)),
         )
 
     def readable(self) -> ReadableSpan:
@@ -310,23 +404,6 @@ def inject(carrier: dict[str, str], span: trace.Span) -> None:
         carrier["tracestate"] = span.trace_state.to_header()
 
 
-def activated(span: trace.Span) -> _Current:
-    """Make ``span`` current for a ``with`` block and end it after; what ``use_span`` does,
-    without the generator-based context manager the API wraps it in."""
-    return _Current(span, None, True, True, True)
-
-
-def ending(span: trace.Span) -> _Current:
-    """End ``span`` after a ``with`` block, as :func:`activated` does, without making it current.
-
-    For a span whose children are given their parent explicitly: a context attached and
-    detached per span is a copy of the context and two context-variable writes.
-    """
-    current = _Current(span, None, True, True, True)
-    current._attach = False
-    return current
-
-
 class Tracer:
     """A module's tracer, looked up in the global provider at first use after one is installed.
 
@@ -344,6 +421,9 @@ class Tracer:
         tracer = provider.get_tracer(self.name)
         if isinstance(provider, LeanTracerProvider):
             self._tracer = tracer
+            # From now on a call goes straight to the lean tracer, without this forwarding frame.
+            self.start_span = tracer.start_span  # type: ignore[method-assign]
+            self.start_as_current_span = tracer.start_as_current_span  # type: ignore[method-assign]
         return tracer
 
     def start_span(self, name: str, context: context_api.Context | None = None, **options: Any) -> trace.Span:
@@ -373,7 +453,7 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent = trace.get_current_span(context)
+        parent = (context_api.get_current() if context is None else context).get(_SPAN_KEY, INVALID_SPAN)
         if type(parent) is LeanSpan:  # a child of a recorded span of ours: recorded too
             return LeanSpan(
                 self,
@@ -391,9 +471,13 @@ class LeanTracer(trace.Tracer):
             trace_id, parent_id = parent_context.trace_id, parent_context.span_id
         else:
             trace_id, parent_id = _getrandbits(128) or 1, None
-        sampled = self.provider.sampler.should_sample(
-            context, trace_id, name, kind, attributes, links
-        ).decision.is_sampled()
+        decide = self.provider.decide
+        if decide is not None:
+            sampled = decide(parent_context)
+        else:
+            sampled = self.provider.sampler.should_sample(
+                context, trace_id, name, kind, attributes, links
+            ).decision.is_sampled()
         state = parent_context.trace_state if parent_id is not None else None
         if not sampled:
             return NonRecordingSpan(SpanContext(trace_id, _getrandbits(64) or 1, False, _UNSAMPLED, state))
@@ -442,6 +526,7 @@ class LeanTracerProvider(trace.TracerProvider):
     ) -> None:
         self.resource = resource
         self.sampler = sampler
+        self.decide = fixed_decision(sampler)
         self.limits = Limits()
         self.default_propagators = _default_propagators()
         self.processors = list(processors)

@@ -21,9 +21,9 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
+from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -32,7 +32,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.errors import unwrap
-from daemon.spans import ConvertingExporter, LeanTracerProvider
+from daemon.spans import ConvertingExporter, LeanTracerProvider, Tracer, kept_size, shared_keys
 
 log = logging.getLogger(__name__)
 
@@ -59,35 +59,46 @@ class KeptSpan(NamedTuple):
         return (self.end_ns - self.start_ns) / 1e9
 
 
-def _plain(span: ReadableSpan) -> tuple[Any, ...]:
-    """The fields of a :class:`KeptSpan`, in a bare tuple of strings and numbers."""
+# A kept span as the ring holds it: KeptSpan's fields, but the trace id as an int, the
+# attributes as a tuple of keys and a tuple of values in the order they were set, and last
+# the bytes it is estimated to hold (``daemon.spans.kept_size``).
+KeptFields = tuple[Any, ...]
+
+
+def _plain(span: ReadableSpan) -> KeptFields:
+    """A span the SDK made, as the ring keeps it."""
     context, parent = span.context, span.parent
+    attributes = span.attributes or {}
+    name, status = span.name, span.status.description or ""
+    values = tuple(attributes.values())
+    text = len(name) + len(status)
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            text += len(value)
+        elif kind is tuple:
+            text += sum(len(v) + 56 if type(v) is str else 32 for v in value)
     return (
-        span.name,
-        format(context.trace_id, "032x") if context else "",
+        name,
+        context.trace_id if context else 0,
         context.span_id if context else 0,
         parent.span_id if parent else None,
         parent is None or parent.is_remote,
         span.start_time or 0,
         span.end_time or 0,
         span.status.status_code is StatusCode.ERROR,
-        span.status.description or "",
-        tuple(sorted((span.attributes or {}).items())),
+        status,
+        shared_keys(tuple(attributes)),
+        values,
+        kept_size(text, len(values)),
     )
 
 
-def _size(fields: tuple[Any, ...]) -> int:
-    """Roughly the bytes a kept span holds: its strings, plus a fixed cost per field and attribute
-    (keys are the daemon's own short names, counted in that fixed cost)."""
-    attributes = fields[9]
-    size = 400 + len(fields[0]) + len(fields[8]) + 150 * len(attributes)
-    for _, value in attributes:
-        kind = type(value)
-        if kind is str:
-            size += len(value)
-        elif kind is tuple:
-            size += sum(len(v) + 56 if type(v) is str else 32 for v in value)
-    return size
+def _kept(fields: KeptFields) -> KeptSpan:
+    """The trace page's view of a kept span: formatted when the page asks, not per request."""
+    name, trace_id, *times_and_status, keys, values, _ = fields
+    attributes = tuple(sorted(zip(keys, values, strict=True)))
+    return KeptSpan(name, format(trace_id, "032x"), *times_and_status, attributes)
 
 
 class SpanRing(SpanProcessor):
@@ -106,20 +117,19 @@ class SpanRing(SpanProcessor):
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._spans: deque[tuple[Any, ...]] = deque()
-        self._sizes: deque[int] = deque()
+        self._spans: deque[KeptFields] = deque()
         self._lock = threading.Lock()
 
-    def keep(self, fields: tuple[Any, ...]) -> None:
-        """Keep an ended span given as the fields of a :class:`KeptSpan`."""
-        size = _size(fields)
+    def keep(self, fields: KeptFields) -> None:
+        """Keep an ended span given as :data:`KeptFields`."""
+        spans = self._spans
         with self._lock:
-            self._spans.append(fields)
-            self._sizes.append(size)
-            self.bytes += size
-            while len(self._spans) > self.capacity or (self.bytes > self.max_bytes and len(self._spans) > 1):
-                self._spans.popleft()
-                self.bytes -= self._sizes.popleft()
+            spans.append(fields)
+            self.bytes += fields[11]
+            if len(spans) > self.capacity:
+                self.bytes -= spans.popleft()[11]
+            while self.bytes > self.max_bytes and len(spans) > 1:
+                self.bytes -= spans.popleft()[11]
 
     def on_end(self, span: ReadableSpan) -> None:
         self.keep(_plain(span))
@@ -127,7 +137,7 @@ class SpanRing(SpanProcessor):
     def snapshot(self) -> list[KeptSpan]:
         with self._lock:
             kept = list(self._spans)
-        return [KeptSpan._make(fields) for fields in kept]
+        return [_kept(fields) for fields in kept]
 
     def shutdown(self) -> None:
         pass
@@ -233,13 +243,11 @@ class RequestSpan:
     :class:`TracingMiddleware` and by the direct dispatch path (``daemon/direct.py``).
     """
 
-    __slots__ = ("_current", "failure", "method", "path", "plugin_id", "span", "status")
+    __slots__ = ("_token", "failure", "method", "path", "plugin_id", "span", "status")
 
-    def __init__(
-        self, span_scope: AbstractContextManager[Span], method: str, path: str, plugin_id: str | None
-    ):
-        self._current = span_scope
-        self.span = span_scope.__enter__()
+    def __init__(self, span: Span, method: str, path: str, plugin_id: str | None) -> None:
+        self.span = span
+        self._token = context_api.attach(trace.set_span_in_context(span))
         self.method = method
         self.path = path
         self.plugin_id = plugin_id
@@ -252,10 +260,11 @@ class RequestSpan:
             self.failure = body
 
     def end(self, route: str | None, tenant: str | None, exc: BaseException | None = None) -> None:
+        """Name the span by its route, record how the request ended, and end it."""
         span = self.span
-        method = self.method
-        span.update_name(f"{method} {route or self.path}")
         if span.is_recording():
+            method = self.method
+            span.update_name(f"{method} {route or self.path}")
             attributes: dict[str, Any] = {
                 "http.request.method": method,
                 "url.path": self.path,
@@ -267,14 +276,22 @@ class RequestSpan:
                 attributes["tenant.id"] = tenant
             if self.plugin_id is not None:
                 attributes["plugin.id"] = self.plugin_id
-            span.set_attributes(attributes)
+            status = None
             if self.failure is not None:  # a 200 whose stream ended in an error event
                 error = _stream_error(self.failure)
-                span.set_attribute("error.type", error.partition(":")[0])
-                span.set_status(Status(StatusCode.ERROR, error))
+                attributes["error.type"] = error.partition(":")[0]
+                status = Status(StatusCode.ERROR, error)
             elif self.status >= 500:
-                span.set_status(Status(StatusCode.ERROR, f"HTTP {self.status}"))
-        self._current.__exit__(type(exc) if exc else None, exc, None)
+                status = Status(StatusCode.ERROR, f"HTTP {self.status}")
+            span.set_attributes(attributes)
+            if isinstance(exc, Exception):  # what the API's span context managers record
+                span.record_exception(exc)
+                if status is None:
+                    status = Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            if status is not None:
+                span.set_status(status)
+        context_api.detach(self._token)
+        span.end()
 
 
 class ServerSpans:
@@ -285,7 +302,7 @@ class ServerSpans:
 
     def __init__(self, untraced: Collection[str] = POLLING_PATHS) -> None:
         self.untraced = frozenset(untraced)
-        self.tracer = trace.get_tracer(__name__)
+        self.tracer = Tracer(__name__)
         self.fields = {name.encode("latin-1") for name in propagate.get_global_textmap().fields}
 
     def traced(self, path: str) -> bool:
@@ -300,12 +317,10 @@ class ServerSpans:
                 carrier[key.decode("latin-1")] = value.decode("latin-1")
             elif key == b"x-plugin-id":
                 plugin_id = value.decode("latin-1")
-        scope = self.tracer.start_as_current_span(
-            f"{method} {path}",
-            context=propagate.extract(carrier) if carrier else None,
-            kind=SpanKind.SERVER,
+        span = self.tracer.start_span(
+            f"{method} {path}", propagate.extract(carrier) if carrier else None, kind=SpanKind.SERVER
         )
-        return RequestSpan(scope, method, path, plugin_id)
+        return RequestSpan(span, method, path, plugin_id)
 
 
 class TracingMiddleware:
