@@ -24,6 +24,7 @@ attributes are kept: a plugin's 1 MB error text is not kept per span.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import random
 import threading
@@ -62,26 +63,58 @@ _UNSET = Status(StatusCode.UNSET)
 _getrandbits = random.getrandbits
 _now = time.time_ns
 
-# Attribute key tuples, one per distinct set of keys (a call site's): kept spans share them.
-_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
+# What the trace ring keeps of a span: one ``bytes`` object (marshal's encoding of its
+# fields), because a kept span is freed long after it was made. Twenty thousand spans
+# kept as tuples of numbers and strings are ~200,000 objects spread over megabytes: each
+# span ended pushed the oldest out of the ring, and freeing its ten-odd objects, long
+# out of the CPU's caches, cost more than recording the span. A ``bytes`` is one block
+# to free, holds no reference, and the garbage collector never looks at it.
+# The attribute keys of a span are stored as the index of their tuple in _KEY_SETS
+# (one tuple per call site), or as the tuple itself once _MAX_KEY_SETS are known.
+_KEY_SETS: list[tuple[str, ...]] = []
+_KEY_INDEX: dict[tuple[str, ...], int] = {}
 _MAX_KEY_SETS = 1024
 
 
-def shared_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
-    """The one kept tuple equal to ``keys`` (bounded: past the limit, ``keys`` itself)."""
-    if len(_KEYS) < _MAX_KEY_SETS:
-        return _KEYS.setdefault(keys, keys)
-    return keys
+def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
+    """How a kept span names its attribute keys: an index in the shared sets, if it fits."""
+    index = _KEY_INDEX.get(keys)
+    if index is not None:
+        return index
+    if len(_KEY_SETS) >= _MAX_KEY_SETS:
+        return keys
+    _KEY_SETS.append(keys)
+    return _KEY_INDEX.setdefault(keys, len(_KEY_SETS) - 1)
 
 
-def kept_size(text: int, attributes: int) -> int:
-    """Roughly the bytes a kept span holds: its strings, plus a fixed cost per field and
-    attribute (keys are the daemon's own short names, counted in that fixed cost)."""
-    return 400 + text + 150 * attributes
+def pack(fields: tuple[Any, ...]) -> bytes:
+    """A kept span's fields as one ``bytes``; values of other types than marshal's are
+    written as text (a lean span's values are already plain, an SDK span's may not be)."""
+    try:
+        return marshal.dumps(fields)
+    except ValueError:
+        return marshal.dumps(_plainly(fields))
 
 
-# What a recorded span hands on when it ends: the ring (a tuple), and the batch exporter.
-KeepFn = Callable[[tuple[Any, ...]], None]
+def _plainly(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_plainly(v) for v in value)
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return None if value is None else str(value)
+
+
+def unpack(blob: bytes) -> tuple[Any, ...]:
+    """The fields :meth:`LeanSpan.plain` packed, with the attributes as ``(key, value)`` pairs
+    sorted by key."""
+    *fields, keys, values = marshal.loads(blob)
+    names = _KEY_SETS[keys] if type(keys) is int else keys
+    return (*fields, tuple(sorted(zip(names, values, strict=True))))
+
+
+# What a recorded span hands on when it ends: the ring (see pack), and the batch exporter.
+KeepFn = Callable[[bytes], None]
 
 
 # Decides for a trace's local root from its parent's span context (invalid when there is none).
@@ -141,7 +174,7 @@ class Limits:
 def _bounded(value: Any, limit: int) -> Any:
     """The value as an exporter accepts it, strings cut to ``limit``; None if not a valid value."""
     if isinstance(value, str):
-        return value if len(value) <= limit else str(value)[:limit]
+        return value if type(value) is str and len(value) <= limit else str(value)[:limit]
     for kind in (bool, int, float):  # bool first: it is an int
         if isinstance(value, kind):
             return kind(value)
@@ -168,7 +201,6 @@ class LeanSpan(trace.Span):
         "start_ns",
         "status_code",
         "status_description",
-        "text",
         "trace_id",
         "trace_state",
     )
@@ -199,7 +231,6 @@ class LeanSpan(trace.Span):
         self.status_code = StatusCode.UNSET
         self.status_description = ""
         self.events: list[Event] | None = None
-        self.text = 0  # characters of the string values set: what the trace ring budgets
         self._context: SpanContext | None = None
         if attributes:
             self.set_attributes(attributes)
@@ -225,24 +256,19 @@ class LeanSpan(trace.Span):
         limits = self._tracer.limits
         length, kept = limits.value_length, self.attributes
         full = len(kept) + len(attributes) > limits.count  # else no key can be over the count
-        text = 0
         for key, value in attributes.items():
             kind = type(value)
             if kind is str:
                 if len(value) > length:  # type: ignore[arg-type]
                     value = value[:length]  # type: ignore[index]
-                text += len(value)  # type: ignore[arg-type]
             elif kind is not int and kind is not float and kind is not bool:
                 value = _bounded(value, length)
                 if value is None:
                     log.debug("span attribute %s dropped: %s is not a valid value", key, kind.__name__)
                     continue
-                if type(value) is tuple:
-                    text += sum(len(v) + 56 if type(v) is str else 32 for v in value)
             if full and len(kept) >= limits.count and key not in kept:
                 continue
             kept[key] = value
-        self.text += text
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         limit = self._tracer.limits.value_length
@@ -301,29 +327,24 @@ class LeanSpan(trace.Span):
 
     # -- what the ring and the exporter take ---------------------------------------------------
 
-    def plain(self) -> tuple[Any, ...]:
-        """What the trace ring keeps: the span as a :data:`daemon.tracing.KeptFields` tuple.
-
-        Formatting (the trace id in hex, attributes sorted) waits for the trace page; the
-        attribute keys are one tuple shared by every span of a call site, and what is kept
-        holds no object the garbage collector must walk once it has seen it.
-        """
+    def plain(self) -> bytes:
+        """What the trace ring keeps of this span (see :func:`pack`); formatting (the trace
+        id in hex, attributes sorted) waits until the trace page asks."""
         attributes = self.attributes
-        keys = tuple(attributes)
-        name, status = self.name, self.status_description
-        return (
-            name,
-            self.trace_id,
-            self.span_id,
-            self.parent_id,
-            self.parent_id is None or self.parent_remote,
-            self.start_ns,
-            self.end_ns,
-            self.status_code is StatusCode.ERROR,
-            status,
-            _KEYS.get(keys) or shared_keys(keys),
-            tuple(attributes.values()),
-            kept_size(len(name) + len(status) + self.text, len(keys)),
+        return pack(
+            (
+                self.name,
+                self.trace_id,
+                self.span_id,
+                self.parent_id,
+                self.parent_id is None or self.parent_remote,
+                self.start_ns,
+                self.end_ns,
+                self.status_code is StatusCode.ERROR,
+                self.status_description,
+                key_set(tuple(attributes)),
+                tuple(attributes.values()),
+            )
         )
 
     def readable(self) -> ReadableSpan:

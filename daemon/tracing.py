@@ -32,7 +32,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.errors import unwrap
-from daemon.spans import ConvertingExporter, LeanTracerProvider, Tracer, kept_size, shared_keys
+from daemon.spans import ConvertingExporter, LeanTracerProvider, Tracer, key_set, pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -59,77 +59,68 @@ class KeptSpan(NamedTuple):
         return (self.end_ns - self.start_ns) / 1e9
 
 
-# A kept span as the ring holds it: KeptSpan's fields, but the trace id as an int, the
-# attributes as a tuple of keys and a tuple of values in the order they were set, and last
-# the bytes it is estimated to hold (``daemon.spans.kept_size``).
-KeptFields = tuple[Any, ...]
-
-
-def _plain(span: ReadableSpan) -> KeptFields:
-    """A span the SDK made, as the ring keeps it."""
+def _plain(span: ReadableSpan) -> bytes:
+    """A span the SDK made, as the ring keeps it (see :func:`daemon.spans.pack`)."""
     context, parent = span.context, span.parent
     attributes = span.attributes or {}
-    name, status = span.name, span.status.description or ""
-    values = tuple(attributes.values())
-    text = len(name) + len(status)
-    for value in values:
-        kind = type(value)
-        if kind is str:
-            text += len(value)
-        elif kind is tuple:
-            text += sum(len(v) + 56 if type(v) is str else 32 for v in value)
-    return (
-        name,
-        context.trace_id if context else 0,
-        context.span_id if context else 0,
-        parent.span_id if parent else None,
-        parent is None or parent.is_remote,
-        span.start_time or 0,
-        span.end_time or 0,
-        span.status.status_code is StatusCode.ERROR,
-        status,
-        shared_keys(tuple(attributes)),
-        values,
-        kept_size(text, len(values)),
+    return pack(
+        (
+            span.name,
+            context.trace_id if context else 0,
+            context.span_id if context else 0,
+            parent.span_id if parent else None,
+            parent is None or parent.is_remote,
+            span.start_time or 0,
+            span.end_time or 0,
+            span.status.status_code is StatusCode.ERROR,
+            span.status.description or "",
+            key_set(tuple(attributes)),
+            tuple(attributes.values()),
+        )
     )
 
 
-def _kept(fields: KeptFields) -> KeptSpan:
+def _kept(blob: bytes) -> KeptSpan:
     """The trace page's view of a kept span: formatted when the page asks, not per request."""
-    name, trace_id, *times_and_status, keys, values, _ = fields
-    attributes = tuple(sorted(zip(keys, values, strict=True)))
-    return KeptSpan(name, format(trace_id, "032x"), *times_and_status, attributes)
+    name, trace_id, *rest = unpack(blob)
+    return KeptSpan(name, format(trace_id, "032x"), *rest)
+
+
+# What a kept span costs the ring beyond its encoding: the bytes object and its deque slot.
+ENTRY_OVERHEAD = 48
 
 
 class SpanRing(SpanProcessor):
     """The most recent ended spans, bounded in count and in bytes; read by the trace page.
 
-    Spans are kept as bare tuples of strings and numbers, which the cyclic garbage
-    collector stops tracking. A ``ReadableSpan`` is eleven objects it must walk;
-    twenty thousand of them alive made the daemon's full collections long: with
-    tracing on, time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms, and
-    CPU per event 1.54-1.57x of tracing off instead of 1.41-1.43x (bench/REPORT.md).
-    The byte bound (an estimate of the strings held) keeps a ring of spans with
-    long attribute values, each already truncated, from growing without limit.
+    Each span is one ``bytes`` object (:func:`daemon.spans.pack`), which the cyclic
+    garbage collector never walks and which is one block to free when the span leaves
+    the ring. A ``ReadableSpan`` is eleven objects the collector must walk; twenty
+    thousand of them alive made the daemon's full collections long: with tracing on,
+    time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms (bench/REPORT.md).
+    Tuples of numbers and strings, which the collector stops tracking, still cost more
+    to free, cold, than the span cost to record. The byte bound (the encoded size)
+    keeps a ring of spans with long attribute values, each already truncated, from
+    growing without limit.
     """
 
     def __init__(self, capacity: int, max_bytes: int = DEFAULT_RING_BYTES) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._spans: deque[KeptFields] = deque()
+        self._spans: deque[bytes] = deque()
         self._lock = threading.Lock()
 
-    def keep(self, fields: KeptFields) -> None:
-        """Keep an ended span given as :data:`KeptFields`."""
+    def keep(self, blob: bytes) -> None:
+        """Keep an ended span, packed (:meth:`daemon.spans.LeanSpan.plain`)."""
         spans = self._spans
         with self._lock:
-            spans.append(fields)
-            self.bytes += fields[11]
+            spans.append(blob)
+            self.bytes += len(blob) + ENTRY_OVERHEAD
             if len(spans) > self.capacity:
-                self.bytes -= spans.popleft()[11]
+                self.bytes -= len(spans.popleft()) + ENTRY_OVERHEAD
             while self.bytes > self.max_bytes and len(spans) > 1:
-                self.bytes -= spans.popleft()[11]
+                self.bytes -= len(spans.popleft()) + ENTRY_OVERHEAD
 
     def on_end(self, span: ReadableSpan) -> None:
         self.keep(_plain(span))
