@@ -15,7 +15,6 @@ import random
 import time
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from daemon import metrics, spans, wire
@@ -87,7 +86,7 @@ class Invocation:
         # Not made current: what runs under it (validation, backwards calls) is given its parent.
         # Ended by the ``with``, which records an exception that escapes the relay.
         with _tracer.start_span("plugin.session", attributes=self._span_attributes()) as span:
-            self.session.attach_trace(trace.set_span_in_context(span))
+            self.session.attach_trace(spans.in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
             spans.inject(self.request["context"], span)
             await self._relay_and_record(send_body, series, span)

@@ -34,8 +34,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as context_api
+from opentelemetry import propagate, trace
+from opentelemetry.baggage import _BAGGAGE_KEY  # what baggage.get_all reads, read directly
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -113,8 +115,48 @@ def unpack(blob: bytes) -> tuple[Any, ...]:
     return (*fields, tuple(sorted(zip(names, values, strict=True))))
 
 
-# What a recorded span hands on when it ends: the ring (see pack), and the batch exporter.
-KeepFn = Callable[[bytes], None]
+# What a recorded span is handed to when it ends: the trace ring, which packs it (see pack).
+KeepFn = Callable[["LeanSpan"], None]
+
+
+# The current context, read and set without the API's three layers of calls per access when
+# the runtime context is the default one (a context variable): a span started cold, on a
+# request's path, paid for each of those frames. Another runtime context (OTEL_PYTHON_CONTEXT)
+# is used through the API.
+_RUNTIME = getattr(context_api, "_RUNTIME_CONTEXT", None)
+_CURRENT = _RUNTIME._current_context if type(_RUNTIME) is ContextVarsRuntimeContext else None
+current_context: Callable[[], context_api.Context] = (
+    _CURRENT.get if _CURRENT is not None else context_api.get_current  # type: ignore[assignment]
+)
+
+
+def attach(span: trace.Span) -> object:
+    """Make ``span`` the current span, as ``context.attach(trace.set_span_in_context(span))``;
+    returns the token for :func:`detach`."""
+    if _CURRENT is None:
+        return context_api.attach(trace.set_span_in_context(span))
+    values = dict(_CURRENT.get())
+    values[_SPAN_KEY] = span
+    return _CURRENT.set(context_api.Context(values))
+
+
+def detach(token: Any) -> None:
+    """Restore the context :func:`attach` replaced, as ``context.detach`` (which logs, not
+    raises, when the token belongs to another context)."""
+    if _CURRENT is None:
+        context_api.detach(token)
+        return
+    try:
+        _CURRENT.reset(token)
+    except (ValueError, RuntimeError):
+        log.exception("Failed to detach context")
+
+
+def in_context(span: trace.Span) -> context_api.Context:
+    """A context holding ``span`` as its current span, as ``trace.set_span_in_context``."""
+    values = dict(current_context())
+    values[_SPAN_KEY] = span
+    return context_api.Context(values)
 
 
 # Decides for a trace's local root from its parent's span context (invalid when there is none).
@@ -311,7 +353,11 @@ class LeanSpan(trace.Span):
         if self.end_ns:
             return
         self.end_ns = end_time or _now()
-        self._tracer.ended(self)
+        provider = self._tracer.provider
+        if provider.keep is not None:
+            provider.keep(self)
+        for processor in provider.processors:
+            processor.on_end(self)  # type: ignore[arg-type]
 
     def __enter__(self) -> LeanSpan:
         return self
@@ -388,12 +434,15 @@ class _Current:
 
     def __enter__(self) -> trace.Span:
         if self._attach:
-            self._token = context_api.attach(trace.set_span_in_context(self._span, self._context))
+            if self._context is None:
+                self._token = attach(self._span)
+            else:
+                self._token = context_api.attach(trace.set_span_in_context(self._span, self._context))
         return self._span
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if self._attach:
-            context_api.detach(self._token)
+            detach(self._token)
         span = self._span
         if isinstance(exc, Exception) and span.is_recording():
             if self._record:
@@ -417,7 +466,11 @@ def inject(carrier: dict[str, str], span: trace.Span) -> None:
     ``traceparent`` (and ``tracestate``) header is written directly: the generic pass
     through both propagators measured ~3x the cost of starting and ending a span.
     """
-    if type(span) is not LeanSpan or not span._tracer.provider.default_propagators or baggage.get_all():
+    if (
+        type(span) is not LeanSpan
+        or not span._tracer.provider.default_propagators
+        or current_context().get(_BAGGAGE_KEY)
+    ):
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         return
     carrier["traceparent"] = f"00-{span.trace_id:032x}-{span.span_id:016x}-01"
@@ -461,7 +514,6 @@ class LeanTracer(trace.Tracer):
         self.provider = provider
         self.scope = scope
         self.limits = provider.limits
-        self.ended = provider.ended
 
     def start_span(
         self,
@@ -474,7 +526,7 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent = (context_api.get_current() if context is None else context).get(_SPAN_KEY, INVALID_SPAN)
+        parent = (current_context() if context is None else context).get(_SPAN_KEY, INVALID_SPAN)
         if type(parent) is LeanSpan:  # a child of a recorded span of ours: recorded too
             return LeanSpan(
                 self,
@@ -551,7 +603,7 @@ class LeanTracerProvider(trace.TracerProvider):
         self.limits = Limits()
         self.default_propagators = _default_propagators()
         self.processors = list(processors)
-        self._keep = keep
+        self.keep = keep
         self._tracers: dict[str, LeanTracer] = {}
         self._lock = threading.Lock()
 
@@ -570,12 +622,6 @@ class LeanTracerProvider(trace.TracerProvider):
                 )
                 tracer = self._tracers[instrumenting_module_name] = LeanTracer(self, scope)
             return tracer
-
-    def ended(self, span: LeanSpan) -> None:
-        if self._keep is not None:
-            self._keep(span.plain())
-        for processor in self.processors:
-            processor.on_end(span)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         for processor in self.processors:
