@@ -189,8 +189,10 @@ class Invocation:
         # Exemplars tie a latency bucket to a trace (shown by Grafana, exposed in OpenMetrics).
         exemplar = None
         if span.is_recording():
-            trace_id = span.trace_id if type(span) is spans.LeanSpan else span.get_span_context().trace_id
-            exemplar = {"trace_id": format(trace_id, "032x")}
+            if type(span) is spans.LeanSpan:
+                exemplar = {"trace_id": span.trace_hex()}  # formatted once, for the traceparent
+            else:
+                exemplar = {"trace_id": format(span.get_span_context().trace_id, "032x")}
         termination = None
         if self.outcome in (SLOW_CLIENT, TIMEOUT):
             termination = "slow_client" if self.outcome == SLOW_CLIENT else "timeout"

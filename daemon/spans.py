@@ -45,6 +45,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased,
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     INVALID_SPAN,
+    INVALID_SPAN_CONTEXT,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
@@ -230,7 +231,9 @@ class LeanSpan(trace.Span):
     """A recording span: ids, times and attributes; nothing else until it is exported."""
 
     __slots__ = (
+        "_bounded",
         "_context",
+        "_hex",
         "_tracer",
         "attributes",
         "end_ns",
@@ -269,13 +272,13 @@ class LeanSpan(trace.Span):
         self.kind = kind
         self.start_ns = start_ns or _now()
         self.end_ns = 0
-        self.attributes: dict[str, Any] = {}
+        self.attributes: dict[str, Any] = dict(attributes) if attributes else {}  # as set: see set_attributes
+        self._bounded: dict[str, Any] | None = None
+        self._hex: str | None = None
         self.status_code = StatusCode.UNSET
         self.status_description = ""
         self.events: list[Event] | None = None
         self._context: SpanContext | None = None
-        if attributes:
-            self.set_attributes(attributes)
 
     # -- the OpenTelemetry Span API ------------------------------------------------------------
 
@@ -291,26 +294,43 @@ class LeanSpan(trace.Span):
     def is_recording(self) -> bool:
         return self.end_ns == 0
 
+    def trace_hex(self) -> str:
+        """The trace id as 32 hex digits (traceparent, exemplars), formatted once."""
+        if self._hex is None:
+            self._hex = format(self.trace_id, "032x")
+        return self._hex
+
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        self.set_attributes({key: value})
+        self.attributes[key] = value  # bounded later, as set_attributes
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
+        """Taken as given; bounded once the span has ended (:meth:`bounded_attributes`)."""
+        self.attributes.update(attributes)
+
+    def bounded_attributes(self) -> dict[str, Any]:
+        """The attributes within the limits: strings cut to the value length, invalid values
+        dropped, at most ``count`` of them (the first set). Computed when the span is packed
+        or exported, in a batch off the request path, rather than as each is set."""
+        if self._bounded is not None:
+            return self._bounded
         limits = self._tracer.limits
-        length, kept = limits.value_length, self.attributes
-        full = len(kept) + len(attributes) > limits.count  # else no key can be over the count
-        for key, value in attributes.items():
+        length, count = limits.value_length, limits.count
+        kept: dict[str, Any] = {}
+        for key, value in self.attributes.items():
             kind = type(value)
             if kind is str:
-                if len(value) > length:  # type: ignore[arg-type]
-                    value = value[:length]  # type: ignore[index]
+                if len(value) > length:
+                    value = value[:length]
             elif kind is not int and kind is not float and kind is not bool:
                 value = _bounded(value, length)
                 if value is None:
                     log.debug("span attribute %s dropped: %s is not a valid value", key, kind.__name__)
                     continue
-            if full and len(kept) >= limits.count and key not in kept:
-                continue
+            if len(kept) >= count:
+                break
             kept[key] = value
+        self._bounded = kept
+        return kept
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         limit = self._tracer.limits.value_length
@@ -376,7 +396,7 @@ class LeanSpan(trace.Span):
     def plain(self) -> bytes:
         """What the trace ring keeps of this span (see :func:`pack`); formatting (the trace
         id in hex, attributes sorted) waits until the trace page asks."""
-        attributes = self.attributes
+        attributes = self.bounded_attributes()
         return pack(
             (
                 self.name,
@@ -405,7 +425,7 @@ class LeanSpan(trace.Span):
             context=self.get_span_context(),
             parent=parent,
             resource=self._tracer.provider.resource,
-            attributes=self.attributes,
+            attributes=self.bounded_attributes(),
             events=self.events or (),
             kind=self.kind,
             status=Status(self.status_code, self.status_description or None)
@@ -473,7 +493,7 @@ def inject(carrier: dict[str, str], span: trace.Span) -> None:
     ):
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         return
-    carrier["traceparent"] = f"00-{span.trace_id:032x}-{span.span_id:016x}-01"
+    carrier["traceparent"] = f"00-{span.trace_hex()}-{span.span_id:016x}-01"
     if span.trace_state:
         carrier["tracestate"] = span.trace_state.to_header()
 
@@ -539,6 +559,11 @@ class LeanTracer(trace.Tracer):
                 attributes,
                 start_time,
             )
+        if parent is INVALID_SPAN and self.provider.root is not None:  # a new trace, decided alike
+            trace_id = _getrandbits(128) or 1
+            if not self.provider.root:
+                return NonRecordingSpan(SpanContext(trace_id, _getrandbits(64) or 1, False, _UNSAMPLED))
+            return LeanSpan(self, name, trace_id, None, False, None, kind, attributes, start_time)
         parent_context = parent.get_span_context()
         if parent_context.is_valid:
             trace_id, parent_id = parent_context.trace_id, parent_context.span_id
@@ -600,6 +625,7 @@ class LeanTracerProvider(trace.TracerProvider):
         self.resource = resource
         self.sampler = sampler
         self.decide = fixed_decision(sampler)
+        self.root = self.decide(INVALID_SPAN_CONTEXT) if self.decide is not None else None  # a new trace's
         self.limits = Limits()
         self.default_propagators = _default_propagators()
         self.processors = list(processors)
