@@ -6,16 +6,19 @@ and the standard propagators work unchanged. What it does not do is run the SDK'
 span machinery per span: measured on a 1-event invocation, the SDK's span objects
 (attribute validation, locks, processors, the span context) were ~88% of the
 +215 µs that tracing at 100% added. A span here is a slotted object holding ids,
-two clock reads and a dict; when it ends it becomes a tuple in the trace ring and,
-only if an exporter is configured, is queued as it is. The SDK's
+two clock reads and a dict; when it ends it is queued for the trace ring (which packs
+it, in a batch, into one ``bytes``: see :func:`pack`) and, only if an exporter is
+configured, for the exporter as it is. The SDK's
 ``BatchSpanProcessor`` takes it from there on its own thread, where
 :class:`ConvertingExporter` builds the ``ReadableSpan`` the exporter expects.
 
 Sampling follows ``OTEL_TRACES_SAMPLER``: the configured sampler decides for a span
 whose parent is not one of ours (a trace's local root); a child of a recorded span
-is recorded, as with the default parent-based samplers.
+is recorded, as with the default parent-based samplers. Samplers whose decision
+depends on the parent alone are applied without being called (:func:`fixed_decision`).
 
-Attribute values are bounded: strings longer than the limit are truncated
+Attribute values are bounded when the span is packed or exported (not as each is set,
+on the request path): strings longer than the limit are truncated
 (``OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`` / ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``,
 else :data:`DEFAULT_VALUE_LENGTH`), at most ``OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT``
 attributes are kept: a plugin's 1 MB error text is not kept per span.
