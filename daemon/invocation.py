@@ -15,7 +15,6 @@ import random
 import time
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from daemon import metrics, spans, wire
@@ -84,10 +83,10 @@ class Invocation:
         if not self.traced:
             await self._relay_and_record(send_body, series, INVALID_SPAN)
             return
-        session_span = _tracer.start_span("plugin.session", attributes=self._span_attributes())
         # Not made current: what runs under it (validation, backwards calls) is given its parent.
-        with spans.ending(session_span) as span:
-            self.session.attach_trace(trace.set_span_in_context(span))
+        # Ended by the ``with``, which records an exception that escapes the relay.
+        with _tracer.start_span("plugin.session", attributes=self._span_attributes()) as span:
+            self.session.attach_trace(spans.in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
             spans.inject(self.request["context"], span)
             await self._relay_and_record(send_body, series, span)
@@ -190,8 +189,10 @@ class Invocation:
         # Exemplars tie a latency bucket to a trace (shown by Grafana, exposed in OpenMetrics).
         exemplar = None
         if span.is_recording():
-            trace_id = span.trace_id if type(span) is spans.LeanSpan else span.get_span_context().trace_id
-            exemplar = {"trace_id": format(trace_id, "032x")}
+            if type(span) is spans.LeanSpan:
+                exemplar = {"trace_id": span.trace_hex()}  # formatted once, for the traceparent
+            else:
+                exemplar = {"trace_id": format(span.get_span_context().trace_id, "032x")}
         termination = None
         if self.outcome in (SLOW_CLIENT, TIMEOUT):
             termination = "slow_client" if self.outcome == SLOW_CLIENT else "timeout"
@@ -209,23 +210,22 @@ class Invocation:
                 exemplar,
             )
         )
-        if not span.is_recording():
+        if exemplar is None:  # not recording
             return
-        span.set_attributes(
-            {
-                "plugin.messages_in": session.stream.received_items,
-                "plugin.messages_out": self.messages_out,
-                "plugin.bytes_in": session.bytes_in,
-                "plugin.bytes_out": self.bytes_out,
-                "plugin.decode_seconds": session.decode_seconds,
-                "plugin.encode_seconds": self.encode_seconds,
-                "plugin.outcome": outcome,
-            }
-        )
+        attributes = {
+            "plugin.messages_in": session.stream.received_items,
+            "plugin.messages_out": self.messages_out,
+            "plugin.bytes_in": session.bytes_in,
+            "plugin.bytes_out": self.bytes_out,
+            "plugin.decode_seconds": session.decode_seconds,
+            "plugin.encode_seconds": self.encode_seconds,
+            "plugin.outcome": outcome,
+        }
         if session.first_message_at is not None:
-            span.set_attribute("plugin.time_to_first_message_seconds", session.first_message_at - started)
+            attributes["plugin.time_to_first_message_seconds"] = session.first_message_at - started
         if self.first_event_at is not None:
-            span.set_attribute("plugin.time_to_first_event_seconds", self.first_event_at - started)
+            attributes["plugin.time_to_first_event_seconds"] = self.first_event_at - started
+        span.set_attributes(attributes)
         if outcome not in ("success", "client_gone"):
             span.set_status(Status(StatusCode.ERROR, self.error or self.outcome))
 

@@ -6,16 +6,19 @@ and the standard propagators work unchanged. What it does not do is run the SDK'
 span machinery per span: measured on a 1-event invocation, the SDK's span objects
 (attribute validation, locks, processors, the span context) were ~88% of the
 +215 µs that tracing at 100% added. A span here is a slotted object holding ids,
-two clock reads and a dict; when it ends it becomes a tuple in the trace ring and,
-only if an exporter is configured, is queued as it is. The SDK's
+two clock reads and a dict; when it ends it is queued for the trace ring (which packs
+it, in a batch, into one ``bytes``: see :func:`pack`) and, only if an exporter is
+configured, for the exporter as it is. The SDK's
 ``BatchSpanProcessor`` takes it from there on its own thread, where
 :class:`ConvertingExporter` builds the ``ReadableSpan`` the exporter expects.
 
 Sampling follows ``OTEL_TRACES_SAMPLER``: the configured sampler decides for a span
 whose parent is not one of ours (a trace's local root); a child of a recorded span
-is recorded, as with the default parent-based samplers.
+is recorded, as with the default parent-based samplers. Samplers whose decision
+depends on the parent alone are applied without being called (:func:`fixed_decision`).
 
-Attribute values are bounded: strings longer than the limit are truncated
+Attribute values are bounded when the span is packed or exported (not as each is set,
+on the request path): strings longer than the limit are truncated
 (``OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT`` / ``OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT``,
 else :data:`DEFAULT_VALUE_LENGTH`), at most ``OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT``
 attributes are kept: a plugin's 1 MB error text is not kept per span.
@@ -24,6 +27,7 @@ attributes are kept: a plugin's 1 MB error text is not kept per span.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import random
 import threading
@@ -33,14 +37,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as context_api
+from opentelemetry import propagate, trace
+from opentelemetry.baggage import _BAGGAGE_KEY  # what baggage.get_all reads, read directly
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    INVALID_SPAN,
+    INVALID_SPAN_CONTEXT,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
@@ -49,6 +57,7 @@ from opentelemetry.trace import (
     TraceFlags,
     TraceState,
 )
+from opentelemetry.trace.propagation import _SPAN_KEY  # what get_current_span reads, read directly
 from opentelemetry.util import types
 
 log = logging.getLogger(__name__)
@@ -60,8 +69,143 @@ _UNSET = Status(StatusCode.UNSET)
 _getrandbits = random.getrandbits
 _now = time.time_ns
 
-# What a recorded span hands on when it ends: the ring (a tuple), and the batch exporter.
-KeepFn = Callable[[tuple[Any, ...]], None]
+# What the trace ring keeps of a span: one ``bytes`` object (marshal's encoding of its
+# fields), because a kept span is freed long after it was made. Twenty thousand spans
+# kept as tuples of numbers and strings are ~200,000 objects spread over megabytes: each
+# span ended pushed the oldest out of the ring, and freeing its ten-odd objects, long
+# out of the CPU's caches, cost more than recording the span. A ``bytes`` is one block
+# to free, holds no reference, and the garbage collector never looks at it.
+# The attribute keys of a span are stored as the index of their tuple in _KEY_SETS
+# (one tuple per call site), or as the tuple itself once _MAX_KEY_SETS are known.
+_KEY_SETS: list[tuple[str, ...]] = []
+_KEY_INDEX: dict[tuple[str, ...], int] = {}
+_MAX_KEY_SETS = 1024
+
+
+def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
+    """How a kept span names its attribute keys: an index in the shared sets, if it fits."""
+    index = _KEY_INDEX.get(keys)
+    if index is not None:
+        return index
+    if len(_KEY_SETS) >= _MAX_KEY_SETS:
+        return keys
+    _KEY_SETS.append(keys)
+    return _KEY_INDEX.setdefault(keys, len(_KEY_SETS) - 1)
+
+
+def pack(fields: tuple[Any, ...]) -> bytes:
+    """A kept span's fields as one ``bytes``; values of other types than marshal's are
+    written as text (a lean span's values are already plain, an SDK span's may not be)."""
+    try:
+        return marshal.dumps(fields)
+    except ValueError:
+        return marshal.dumps(_plainly(fields))
+
+
+def _plainly(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_plainly(v) for v in value)
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return None if value is None else str(value)
+
+
+def unpack(blob: bytes) -> tuple[Any, ...]:
+    """The fields :meth:`LeanSpan.plain` packed, with the attributes as ``(key, value)`` pairs
+    sorted by key."""
+    *fields, keys, values = marshal.loads(blob)
+    names = _KEY_SETS[keys] if type(keys) is int else keys
+    return (*fields, tuple(sorted(zip(names, values, strict=True))))
+
+
+# What a recorded span is handed to when it ends: the trace ring, which packs it (see pack).
+KeepFn = Callable[["LeanSpan"], None]
+
+
+# The current context, read and set without the API's three layers of calls per access when
+# the runtime context is the default one (a context variable): a span started cold, on a
+# request's path, paid for each of those frames. Another runtime context (OTEL_PYTHON_CONTEXT)
+# is used through the API.
+_RUNTIME = getattr(context_api, "_RUNTIME_CONTEXT", None)
+_CURRENT = _RUNTIME._current_context if type(_RUNTIME) is ContextVarsRuntimeContext else None
+current_context: Callable[[], context_api.Context] = (
+    _CURRENT.get if _CURRENT is not None else context_api.get_current  # type: ignore[assignment]
+)
+
+
+def attach(span: trace.Span) -> object:
+    """Make ``span`` the current span, as ``context.attach(trace.set_span_in_context(span))``;
+    returns the token for :func:`detach`."""
+    if _CURRENT is None:
+        return context_api.attach(trace.set_span_in_context(span))
+    values = dict(_CURRENT.get())
+    values[_SPAN_KEY] = span
+    return _CURRENT.set(context_api.Context(values))
+
+
+def detach(token: Any) -> None:
+    """Restore the context :func:`attach` replaced, as ``context.detach`` (which logs, not
+    raises, when the token belongs to another context)."""
+    if _CURRENT is None:
+        context_api.detach(token)
+        return
+    try:
+        _CURRENT.reset(token)
+    except (ValueError, RuntimeError):
+        log.exception("Failed to detach context")
+
+
+def in_context(span: trace.Span) -> context_api.Context:
+    """A context holding ``span`` as its current span, as ``trace.set_span_in_context``."""
+    values = dict(current_context())
+    values[_SPAN_KEY] = span
+    return context_api.Context(values)
+
+
+# Decides for a trace's local root from its parent's span context (invalid when there is none).
+Decide = Callable[[SpanContext], bool]
+
+
+def _static(sampler: Any) -> bool | None:
+    return True if sampler is ALWAYS_ON else False if sampler is ALWAYS_OFF else None
+
+
+def fixed_decision(sampler: Sampler) -> Decide | None:
+    """The sampler's decision as a function of the parent alone, when that is all it reads.
+
+    ``always_on``, ``always_off`` and the ``parentbased_*`` samplers built on them (the
+    SDK's default is ``parentbased_always_on``) decide from the parent's sampled flag and
+    whether it is remote; asking them builds a ``SamplingResult`` per root span. Any other
+    sampler (ratio-based, or configured from an entry point) returns None and is asked.
+    """
+    decision = _static(sampler)
+    if decision is not None:
+        return lambda parent: decision
+    if type(sampler) is not ParentBased:
+        return None
+    delegates = [
+        _static(getattr(sampler, name, None))
+        for name in (
+            "_root",
+            "_remote_parent_sampled",
+            "_remote_parent_not_sampled",
+            "_local_parent_sampled",
+            "_local_parent_not_sampled",
+        )
+    ]
+    if None in delegates:
+        return None
+    root, remote_sampled, remote_unsampled, local_sampled, local_unsampled = delegates
+
+    def parent_based(parent: SpanContext) -> bool:
+        if not parent.is_valid:
+            return bool(root)
+        if parent.is_remote:
+            return bool(remote_sampled if parent.trace_flags.sampled else remote_unsampled)
+        return bool(local_sampled if parent.trace_flags.sampled else local_unsampled)
+
+    return parent_based
 
 
 class Limits:
@@ -76,7 +220,7 @@ class Limits:
 def _bounded(value: Any, limit: int) -> Any:
     """The value as an exporter accepts it, strings cut to ``limit``; None if not a valid value."""
     if isinstance(value, str):
-        return value if len(value) <= limit else str(value)[:limit]
+        return value if type(value) is str and len(value) <= limit else str(value)[:limit]
     for kind in (bool, int, float):  # bool first: it is an int
         if isinstance(value, kind):
             return kind(value)
@@ -90,7 +234,9 @@ class LeanSpan(trace.Span):
     """A recording span: ids, times and attributes; nothing else until it is exported."""
 
     __slots__ = (
+        "_bounded",
         "_context",
+        "_hex",
         "_tracer",
         "attributes",
         "end_ns",
@@ -129,13 +275,13 @@ class LeanSpan(trace.Span):
         self.kind = kind
         self.start_ns = start_ns or _now()
         self.end_ns = 0
-        self.attributes: dict[str, Any] = {}
+        self.attributes: dict[str, Any] = dict(attributes) if attributes else {}  # as set: see set_attributes
+        self._bounded: dict[str, Any] | None = None
+        self._hex: str | None = None
         self.status_code = StatusCode.UNSET
         self.status_description = ""
         self.events: list[Event] | None = None
         self._context: SpanContext | None = None
-        if attributes:
-            self.set_attributes(attributes)
 
     # -- the OpenTelemetry Span API ------------------------------------------------------------
 
@@ -151,26 +297,43 @@ class LeanSpan(trace.Span):
     def is_recording(self) -> bool:
         return self.end_ns == 0
 
+    def trace_hex(self) -> str:
+        """The trace id as 32 hex digits (traceparent, exemplars), formatted once."""
+        if self._hex is None:
+            self._hex = format(self.trace_id, "032x")
+        return self._hex
+
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        self.set_attributes({key: value})
+        self.attributes[key] = value  # bounded later, as set_attributes
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
+        """Taken as given; bounded once the span has ended (:meth:`bounded_attributes`)."""
+        self.attributes.update(attributes)
+
+    def bounded_attributes(self) -> dict[str, Any]:
+        """The attributes within the limits: strings cut to the value length, invalid values
+        dropped, at most ``count`` of them (the first set). Computed when the span is packed
+        or exported, in a batch off the request path, rather than as each is set."""
+        if self._bounded is not None:
+            return self._bounded
         limits = self._tracer.limits
-        length, kept = limits.value_length, self.attributes
-        full = len(kept) + len(attributes) > limits.count  # else no key can be over the count
-        for key, value in attributes.items():
+        length, count = limits.value_length, limits.count
+        kept: dict[str, Any] = {}
+        for key, value in self.attributes.items():
             kind = type(value)
             if kind is str:
-                if len(value) > length:  # type: ignore[arg-type]
-                    value = value[:length]  # type: ignore[index]
+                if len(value) > length:
+                    value = value[:length]
             elif kind is not int and kind is not float and kind is not bool:
                 value = _bounded(value, length)
                 if value is None:
                     log.debug("span attribute %s dropped: %s is not a valid value", key, kind.__name__)
                     continue
-            if full and len(kept) >= limits.count and key not in kept:
-                continue
+            if len(kept) >= count:
+                break
             kept[key] = value
+        self._bounded = kept
+        return kept
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         limit = self._tracer.limits.value_length
@@ -213,23 +376,44 @@ class LeanSpan(trace.Span):
         if self.end_ns:
             return
         self.end_ns = end_time or _now()
-        self._tracer.ended(self)
+        provider = self._tracer.provider
+        if provider.keep is not None:
+            provider.keep(self)
+        for processor in provider.processors:
+            processor.on_end(self)  # type: ignore[arg-type]
+
+    def __enter__(self) -> LeanSpan:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        """``with span:`` ends it, as :func:`ending` does: an exception is recorded and,
+        unless a status was set, makes the span's status an error."""
+        if isinstance(exc, Exception) and not self.end_ns:
+            self.record_exception(exc)
+            if self.status_code is StatusCode.UNSET:
+                self.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+        self.end()
 
     # -- what the ring and the exporter take ---------------------------------------------------
 
-    def plain(self) -> tuple[Any, ...]:
-        """The fields of :class:`daemon.tracing.KeptSpan`, as a bare tuple."""
-        return (
-            self.name,
-            format(self.trace_id, "032x"),
-            self.span_id,
-            self.parent_id,
-            self.parent_id is None or self.parent_remote,
-            self.start_ns,
-            self.end_ns,
-            self.status_code is StatusCode.ERROR,
-            self.status_description,
-            tuple(sorted(self.attributes.items())),
+    def plain(self) -> bytes:
+        """What the trace ring keeps of this span (see :func:`pack`); formatting (the trace
+        id in hex, attributes sorted) waits until the trace page asks."""
+        attributes = self.bounded_attributes()
+        return pack(
+            (
+                self.name,
+                self.trace_id,
+                self.span_id,
+                self.parent_id,
+                self.parent_id is None or self.parent_remote,
+                self.start_ns,
+                self.end_ns,
+                self.status_code is StatusCode.ERROR,
+                self.status_description,
+                key_set(tuple(attributes)),
+                tuple(attributes.values()),
+            )
         )
 
     def readable(self) -> ReadableSpan:
@@ -244,7 +428,7 @@ class LeanSpan(trace.Span):
             context=self.get_span_context(),
             parent=parent,
             resource=self._tracer.provider.resource,
-            attributes=self.attributes,
+            attributes=self.bounded_attributes(),
             events=self.events or (),
             kind=self.kind,
             status=Status(self.status_code, self.status_description or None)
@@ -273,12 +457,15 @@ class _Current:
 
     def __enter__(self) -> trace.Span:
         if self._attach:
-            self._token = context_api.attach(trace.set_span_in_context(self._span, self._context))
+            if self._context is None:
+                self._token = attach(self._span)
+            else:
+                self._token = context_api.attach(trace.set_span_in_context(self._span, self._context))
         return self._span
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if self._attach:
-            context_api.detach(self._token)
+            detach(self._token)
         span = self._span
         if isinstance(exc, Exception) and span.is_recording():
             if self._record:
@@ -302,29 +489,16 @@ def inject(carrier: dict[str, str], span: trace.Span) -> None:
     ``traceparent`` (and ``tracestate``) header is written directly: the generic pass
     through both propagators measured ~3x the cost of starting and ending a span.
     """
-    if type(span) is not LeanSpan or not span._tracer.provider.default_propagators or baggage.get_all():
+    if (
+        type(span) is not LeanSpan
+        or not span._tracer.provider.default_propagators
+        or current_context().get(_BAGGAGE_KEY)
+    ):
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         return
-    carrier["traceparent"] = f"00-{span.trace_id:032x}-{span.span_id:016x}-01"
+    carrier["traceparent"] = f"00-{span.trace_hex()}-{span.span_id:016x}-01"
     if span.trace_state:
         carrier["tracestate"] = span.trace_state.to_header()
-
-
-def activated(span: trace.Span) -> _Current:
-    """Make ``span`` current for a ``with`` block and end it after; what ``use_span`` does,
-    without the generator-based context manager the API wraps it in."""
-    return _Current(span, None, True, True, True)
-
-
-def ending(span: trace.Span) -> _Current:
-    """End ``span`` after a ``with`` block, as :func:`activated` does, without making it current.
-
-    For a span whose children are given their parent explicitly: a context attached and
-    detached per span is a copy of the context and two context-variable writes.
-    """
-    current = _Current(span, None, True, True, True)
-    current._attach = False
-    return current
 
 
 class Tracer:
@@ -344,6 +518,9 @@ class Tracer:
         tracer = provider.get_tracer(self.name)
         if isinstance(provider, LeanTracerProvider):
             self._tracer = tracer
+            # From now on a call goes straight to the lean tracer, without this forwarding frame.
+            self.start_span = tracer.start_span  # type: ignore[method-assign]
+            self.start_as_current_span = tracer.start_as_current_span  # type: ignore[method-assign]
         return tracer
 
     def start_span(self, name: str, context: context_api.Context | None = None, **options: Any) -> trace.Span:
@@ -360,7 +537,6 @@ class LeanTracer(trace.Tracer):
         self.provider = provider
         self.scope = scope
         self.limits = provider.limits
-        self.ended = provider.ended
 
     def start_span(
         self,
@@ -373,7 +549,7 @@ class LeanTracer(trace.Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace.Span:
-        parent = trace.get_current_span(context)
+        parent = (current_context() if context is None else context).get(_SPAN_KEY, INVALID_SPAN)
         if type(parent) is LeanSpan:  # a child of a recorded span of ours: recorded too
             return LeanSpan(
                 self,
@@ -386,14 +562,23 @@ class LeanTracer(trace.Tracer):
                 attributes,
                 start_time,
             )
+        if parent is INVALID_SPAN and self.provider.root is not None:  # a new trace, decided alike
+            trace_id = _getrandbits(128) or 1
+            if not self.provider.root:
+                return NonRecordingSpan(SpanContext(trace_id, _getrandbits(64) or 1, False, _UNSAMPLED))
+            return LeanSpan(self, name, trace_id, None, False, None, kind, attributes, start_time)
         parent_context = parent.get_span_context()
         if parent_context.is_valid:
             trace_id, parent_id = parent_context.trace_id, parent_context.span_id
         else:
             trace_id, parent_id = _getrandbits(128) or 1, None
-        sampled = self.provider.sampler.should_sample(
-            context, trace_id, name, kind, attributes, links
-        ).decision.is_sampled()
+        decide = self.provider.decide
+        if decide is not None:
+            sampled = decide(parent_context)
+        else:
+            sampled = self.provider.sampler.should_sample(
+                context, trace_id, name, kind, attributes, links
+            ).decision.is_sampled()
         state = parent_context.trace_state if parent_id is not None else None
         if not sampled:
             return NonRecordingSpan(SpanContext(trace_id, _getrandbits(64) or 1, False, _UNSAMPLED, state))
@@ -442,10 +627,12 @@ class LeanTracerProvider(trace.TracerProvider):
     ) -> None:
         self.resource = resource
         self.sampler = sampler
+        self.decide = fixed_decision(sampler)
+        self.root = self.decide(INVALID_SPAN_CONTEXT) if self.decide is not None else None  # a new trace's
         self.limits = Limits()
         self.default_propagators = _default_propagators()
         self.processors = list(processors)
-        self._keep = keep
+        self.keep = keep
         self._tracers: dict[str, LeanTracer] = {}
         self._lock = threading.Lock()
 
@@ -464,12 +651,6 @@ class LeanTracerProvider(trace.TracerProvider):
                 )
                 tracer = self._tracers[instrumenting_module_name] = LeanTracer(self, scope)
             return tracer
-
-    def ended(self, span: LeanSpan) -> None:
-        if self._keep is not None:
-            self._keep(span.plain())
-        for processor in self.processors:
-            processor.on_end(span)  # type: ignore[arg-type]
 
     def shutdown(self) -> None:
         for processor in self.processors:

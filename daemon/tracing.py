@@ -21,7 +21,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 from opentelemetry import propagate, trace
@@ -32,7 +31,17 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.errors import unwrap
-from daemon.spans import ConvertingExporter, LeanTracerProvider
+from daemon.spans import (
+    ConvertingExporter,
+    LeanSpan,
+    LeanTracerProvider,
+    Tracer,
+    attach,
+    detach,
+    key_set,
+    pack,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,75 +68,102 @@ class KeptSpan(NamedTuple):
         return (self.end_ns - self.start_ns) / 1e9
 
 
-def _plain(span: ReadableSpan) -> tuple[Any, ...]:
-    """The fields of a :class:`KeptSpan`, in a bare tuple of strings and numbers."""
+def _plain(span: ReadableSpan) -> bytes:
+    """A span the SDK made, as the ring keeps it (see :func:`daemon.spans.pack`)."""
     context, parent = span.context, span.parent
-    return (
-        span.name,
-        format(context.trace_id, "032x") if context else "",
-        context.span_id if context else 0,
-        parent.span_id if parent else None,
-        parent is None or parent.is_remote,
-        span.start_time or 0,
-        span.end_time or 0,
-        span.status.status_code is StatusCode.ERROR,
-        span.status.description or "",
-        tuple(sorted((span.attributes or {}).items())),
+    attributes = span.attributes or {}
+    return pack(
+        (
+            span.name,
+            context.trace_id if context else 0,
+            context.span_id if context else 0,
+            parent.span_id if parent else None,
+            parent is None or parent.is_remote,
+            span.start_time or 0,
+            span.end_time or 0,
+            span.status.status_code is StatusCode.ERROR,
+            span.status.description or "",
+            key_set(tuple(attributes)),
+            tuple(attributes.values()),
+        )
     )
 
 
-def _size(fields: tuple[Any, ...]) -> int:
-    """Roughly the bytes a kept span holds: its strings, plus a fixed cost per field and attribute
-    (keys are the daemon's own short names, counted in that fixed cost)."""
-    attributes = fields[9]
-    size = 400 + len(fields[0]) + len(fields[8]) + 150 * len(attributes)
-    for _, value in attributes:
-        kind = type(value)
-        if kind is str:
-            size += len(value)
-        elif kind is tuple:
-            size += sum(len(v) + 56 if type(v) is str else 32 for v in value)
-    return size
+def _kept(blob: bytes) -> KeptSpan:
+    """The trace page's view of a kept span: formatted when the page asks, not per request."""
+    name, trace_id, *rest = unpack(blob)
+    return KeptSpan(name, format(trace_id, "032x"), *rest)
+
+
+# What a kept span costs the ring beyond its encoding: the bytes object and its deque slot.
+ENTRY_OVERHEAD = 48
+BATCH = 64  # ended spans packed into the ring at a time
 
 
 class SpanRing(SpanProcessor):
     """The most recent ended spans, bounded in count and in bytes; read by the trace page.
 
-    Spans are kept as bare tuples of strings and numbers, which the cyclic garbage
-    collector stops tracking. A ``ReadableSpan`` is eleven objects it must walk;
-    twenty thousand of them alive made the daemon's full collections long: with
-    tracing on, time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms, and
-    CPU per event 1.54-1.57x of tracing off instead of 1.41-1.43x (bench/REPORT.md).
-    The byte bound (an estimate of the strings held) keeps a ring of spans with
-    long attribute values, each already truncated, from growing without limit.
+    Each span is one ``bytes`` object (:func:`daemon.spans.pack`), which the cyclic
+    garbage collector never walks and which is one block to free when the span leaves
+    the ring. A ``ReadableSpan`` is eleven objects the collector must walk; twenty
+    thousand of them alive made the daemon's full collections long: with tracing on,
+    time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms (bench/REPORT.md).
+    Tuples of numbers and strings, which the collector stops tracking, still cost more
+    to free, cold, than the span cost to record. The byte bound (the encoded size)
+    keeps a ring of spans with long attribute values, each already truncated, from
+    growing without limit.
     """
 
     def __init__(self, capacity: int, max_bytes: int = DEFAULT_RING_BYTES) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._spans: deque[tuple[Any, ...]] = deque()
-        self._sizes: deque[int] = deque()
+        self._spans: deque[bytes] = deque()
+        self._pending: deque[LeanSpan] = deque()
         self._lock = threading.Lock()
 
-    def keep(self, fields: tuple[Any, ...]) -> None:
-        """Keep an ended span given as the fields of a :class:`KeptSpan`."""
-        size = _size(fields)
+    def keep(self, span: LeanSpan) -> None:
+        """Keep an ended lean span: queued as it is, packed with the next :data:`BATCH`.
+
+        Packing a span on its own, with the rest of a request's work in the CPU's caches
+        in between, measured several times what it costs in a loop over a batch; the
+        queue is drained on any thread that fills it and before every snapshot.
+        """
+        pending = self._pending
+        pending.append(span)
+        if len(pending) >= BATCH:
+            self._drain()
+
+    def _drain(self) -> None:
+        pending = self._pending
         with self._lock:
-            self._spans.append(fields)
-            self._sizes.append(size)
-            self.bytes += size
-            while len(self._spans) > self.capacity or (self.bytes > self.max_bytes and len(self._spans) > 1):
-                self._spans.popleft()
-                self.bytes -= self._sizes.popleft()
+            while pending:
+                try:
+                    blob = pending.popleft().plain()
+                except IndexError:  # drained by another thread meanwhile (it holds no lock to append)
+                    break
+                self._keep_packed(blob)
+
+    def _keep_packed(self, blob: bytes) -> None:
+        spans = self._spans
+        spans.append(blob)
+        self.bytes += len(blob) + ENTRY_OVERHEAD
+        if len(spans) > self.capacity:
+            self.bytes -= len(spans.popleft()) + ENTRY_OVERHEAD
+        while self.bytes > self.max_bytes and len(spans) > 1:
+            self.bytes -= len(spans.popleft()) + ENTRY_OVERHEAD
 
     def on_end(self, span: ReadableSpan) -> None:
-        self.keep(_plain(span))
+        """A span the SDK made (when the SDK's provider is used instead of the lean one)."""
+        blob = _plain(span)
+        with self._lock:
+            self._keep_packed(blob)
 
     def snapshot(self) -> list[KeptSpan]:
+        self._drain()
         with self._lock:
             kept = list(self._spans)
-        return [KeptSpan._make(fields) for fields in kept]
+        return [_kept(fields) for fields in kept]
 
     def shutdown(self) -> None:
         pass
@@ -233,13 +269,11 @@ class RequestSpan:
     :class:`TracingMiddleware` and by the direct dispatch path (``daemon/direct.py``).
     """
 
-    __slots__ = ("_current", "failure", "method", "path", "plugin_id", "span", "status")
+    __slots__ = ("_token", "failure", "method", "path", "plugin_id", "span", "status")
 
-    def __init__(
-        self, span_scope: AbstractContextManager[Span], method: str, path: str, plugin_id: str | None
-    ):
-        self._current = span_scope
-        self.span = span_scope.__enter__()
+    def __init__(self, span: Span, method: str, path: str, plugin_id: str | None) -> None:
+        self.span = span
+        self._token = attach(span)
         self.method = method
         self.path = path
         self.plugin_id = plugin_id
@@ -252,10 +286,11 @@ class RequestSpan:
             self.failure = body
 
     def end(self, route: str | None, tenant: str | None, exc: BaseException | None = None) -> None:
+        """Name the span by its route, record how the request ended, and end it."""
         span = self.span
-        method = self.method
-        span.update_name(f"{method} {route or self.path}")
         if span.is_recording():
+            method = self.method
+            span.update_name(f"{method} {route or self.path}")
             attributes: dict[str, Any] = {
                 "http.request.method": method,
                 "url.path": self.path,
@@ -267,14 +302,22 @@ class RequestSpan:
                 attributes["tenant.id"] = tenant
             if self.plugin_id is not None:
                 attributes["plugin.id"] = self.plugin_id
-            span.set_attributes(attributes)
+            status = None
             if self.failure is not None:  # a 200 whose stream ended in an error event
                 error = _stream_error(self.failure)
-                span.set_attribute("error.type", error.partition(":")[0])
-                span.set_status(Status(StatusCode.ERROR, error))
+                attributes["error.type"] = error.partition(":")[0]
+                status = Status(StatusCode.ERROR, error)
             elif self.status >= 500:
-                span.set_status(Status(StatusCode.ERROR, f"HTTP {self.status}"))
-        self._current.__exit__(type(exc) if exc else None, exc, None)
+                status = Status(StatusCode.ERROR, f"HTTP {self.status}")
+            span.set_attributes(attributes)
+            if isinstance(exc, Exception):  # what the API's span context managers record
+                span.record_exception(exc)
+                if status is None:
+                    status = Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            if status is not None:
+                span.set_status(status)
+        detach(self._token)
+        span.end()
 
 
 class ServerSpans:
@@ -285,7 +328,7 @@ class ServerSpans:
 
     def __init__(self, untraced: Collection[str] = POLLING_PATHS) -> None:
         self.untraced = frozenset(untraced)
-        self.tracer = trace.get_tracer(__name__)
+        self.tracer = Tracer(__name__)
         self.fields = {name.encode("latin-1") for name in propagate.get_global_textmap().fields}
 
     def traced(self, path: str) -> bool:
@@ -300,12 +343,10 @@ class ServerSpans:
                 carrier[key.decode("latin-1")] = value.decode("latin-1")
             elif key == b"x-plugin-id":
                 plugin_id = value.decode("latin-1")
-        scope = self.tracer.start_as_current_span(
-            f"{method} {path}",
-            context=propagate.extract(carrier) if carrier else None,
-            kind=SpanKind.SERVER,
+        span = self.tracer.start_span(
+            f"{method} {path}", propagate.extract(carrier) if carrier else None, kind=SpanKind.SERVER
         )
-        return RequestSpan(scope, method, path, plugin_id)
+        return RequestSpan(span, method, path, plugin_id)
 
 
 class TracingMiddleware:

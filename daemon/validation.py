@@ -331,7 +331,7 @@ class OutputVariables:
         if self.trace_context is None:
             self._check()
             return
-        with spans.ending(_tracer.start_span("output.validate", context=self.trace_context)) as span:
+        with _tracer.start_span("output.validate", context=self.trace_context) as span:
             count = self._check()
             if span.is_recording():
                 span.set_attributes(

@@ -1,0 +1,175 @@
+"""The lean tracer's own decisions: sampling without the sampler, the ring's batches, the context."""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+import pytest
+from opentelemetry import context as context_api
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_OFF,
+    DEFAULT_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from daemon.spans import LeanSpan, LeanTracerProvider, fixed_decision
+from daemon.tracing import BATCH, ServerSpans, SpanRing
+
+TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
+CALLER_SPAN = 0xB7AD6B7169203331
+
+
+def _parent(*, sampled: bool, remote: bool) -> context_api.Context:
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    span = NonRecordingSpan(SpanContext(TRACE_ID, CALLER_SPAN, is_remote=remote, trace_flags=flags))
+    return trace.set_span_in_context(span)
+
+
+class Asked(Sampler):
+    """A sampler the tracer must ask: samples a root, never a child of a remote parent."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):  # type: ignore[no-untyped-def] # noqa: E501
+        self.calls += 1
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return (ALWAYS_OFF if parent.is_valid else ALWAYS_ON).should_sample(
+            parent_context, trace_id, name, kind, attributes, links
+        )
+
+    def get_description(self) -> str:
+        return "asked"
+
+
+# (sampler, root, remote sampled parent, remote unsampled parent, local unsampled parent)
+DECISIONS = [
+    (ALWAYS_ON, True, True, True, True),
+    (ALWAYS_OFF, False, False, False, False),
+    (DEFAULT_ON, True, True, False, False),  # parentbased_always_on, the SDK's default
+    (DEFAULT_OFF, False, True, False, False),
+    (ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON), True, True, True, False),
+]
+
+
+@pytest.mark.parametrize(("sampler", "root", "sampled", "unsampled", "local_unsampled"), DECISIONS)
+def test_sampling_decided_without_the_sampler_as_the_sampler_decides(
+    sampler: Sampler, root: bool, sampled: bool, unsampled: bool, local_unsampled: bool
+) -> None:
+    decide = fixed_decision(sampler)
+    assert decide is not None
+    tracer = LeanTracerProvider(Resource.create({}), sampler, None).get_tracer("test")
+    cases = [
+        (None, root),
+        (_parent(sampled=True, remote=True), sampled),
+        (_parent(sampled=False, remote=True), unsampled),
+        (_parent(sampled=False, remote=False), local_unsampled),
+    ]
+    for context, expected in cases:
+        # What the SDK's own sampler says for the same parent: the shortcut must agree with it.
+        parent = trace.get_current_span(context).get_span_context()
+        assert sampler.should_sample(context, TRACE_ID, "x").decision.is_sampled() is expected
+        assert decide(parent) is expected
+        span = tracer.start_span("span", context)
+        assert span.is_recording() is expected
+        assert span.get_span_context().trace_flags.sampled is expected
+        if parent.is_valid:
+            assert span.get_span_context().trace_id == TRACE_ID
+
+
+def test_other_samplers_are_asked_for_each_local_root() -> None:
+    assert fixed_decision(TraceIdRatioBased(0.5)) is None
+    asked = Asked()
+    assert fixed_decision(asked) is None
+    assert fixed_decision(ParentBased(asked)) is None
+    tracer = LeanTracerProvider(Resource.create({}), asked, None).get_tracer("test")
+    root = tracer.start_span("root")
+    assert root.is_recording() and asked.calls == 1
+    child = tracer.start_span("child", trace.set_span_in_context(root))
+    assert child.is_recording() and asked.calls == 1  # a child of a recorded span: not asked
+    assert not tracer.start_span("remote child", _parent(sampled=True, remote=True)).is_recording()
+    assert asked.calls == 2
+
+
+def test_the_ring_shows_spans_before_a_batch_is_full_and_keeps_every_thread_s() -> None:
+    ring = SpanRing(10_000)
+    tracer = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep).get_tracer("test")
+    with tracer.start_span("alone", attributes={"n": 1}):
+        pass
+    (alone,) = ring.snapshot()  # one span, far from a batch: still on the page
+    assert alone.name == "alone" and alone.attributes == (("n", 1),)
+
+    per_thread = BATCH * 5 + 3
+
+    def end_spans(index: int) -> None:
+        for i in range(per_thread):
+            tracer.start_span("threaded", attributes={"thread": index, "i": i}).end()
+
+    threads = [threading.Thread(target=end_spans, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = [s for s in ring.snapshot() if s.name == "threaded"]
+    assert sorted(dict(s.attributes)["thread"] * per_thread + dict(s.attributes)["i"] for s in kept) == list(
+        range(4 * per_thread)
+    )
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+def test_the_ring_keeps_sdk_spans_with_values_of_other_types() -> None:
+    """An SDK span's attribute may be an int subclass or bytes; the ring keeps it as plain data."""
+    ring = SpanRing(100)
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(ring)
+    attributes = {"color": Color.RED, "raw": b"ab"}
+    with provider.get_tracer("test").start_as_current_span("sdk", attributes=attributes):
+        pass
+    (span,) = ring.snapshot()
+    assert dict(span.attributes) == {"color": 1, "raw": "b'ab'"}
+
+
+def test_lean_attributes_are_bounded_when_kept_not_as_set() -> None:
+    ring = SpanRing(100)
+    provider = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep)
+    limit = provider.limits.value_length
+    span = provider.get_tracer("test").start_span("bounded", attributes={"long": "x" * (limit + 10)})
+    assert isinstance(span, LeanSpan)
+    span.set_attributes({"list": ["a", "b"], "bad": object(), "nested": [["no"]]})
+    span.set_attribute("n", 3)
+    span.end()
+    (kept,) = ring.snapshot()
+    assert dict(kept.attributes) == {"long": "x" * limit, "list": ("a", "b"), "n": 3}
+    assert span.readable().attributes == {"long": "x" * limit, "list": ("a", "b"), "n": 3}
+
+
+def test_a_server_span_is_current_until_it_ends_then_the_context_is_as_before() -> None:
+    ring = SpanRing(100)
+    provider = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep)
+    server_spans = ServerSpans()
+    server_spans.tracer = provider.get_tracer("test")  # not the global provider: tests share it
+    before = context_api.get_current()
+    traceparent = f"00-{TRACE_ID:032x}-{CALLER_SPAN:016x}-01".encode()
+    headers = [(b"traceparent", traceparent), (b"x-plugin-id", b"a/b")]
+    request = server_spans.begin("POST", "/plugin/t1/dispatch/tool/invoke", headers)
+    current = trace.get_current_span()
+    assert current is request.span and current.get_span_context().trace_id == TRACE_ID
+    request.status = 200
+    request.end("/plugin/{tenant_id}/dispatch/tool/invoke", "t1")
+    assert context_api.get_current() == before
+    (server,) = ring.snapshot()
+    assert server.name == "POST /plugin/{tenant_id}/dispatch/tool/invoke"
+    assert server.parent_id == CALLER_SPAN and server.is_root
+    assert dict(server.attributes)["plugin.id"] == "a/b"
