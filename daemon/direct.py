@@ -187,8 +187,8 @@ class DirectCycle:
         self.complete()
 
     def refuse_body(self, limit: int) -> None:
-        """413 for a declared body over ``limit``, as :class:`daemon.limits.BodyLimit` answers it
-        (before any other check, and closing the connection: the body is not read)."""
+        """413 for a body over ``limit``, as :class:`daemon.limits.BodyLimit` answers it (a declared
+        one before any other check), closing the connection: the rest of the body is not read."""
         self.keep_alive = False
         body = limits.json_error(413, f"request body larger than {limit} bytes")
         head = self.head(413, [(b"content-type", b"application/json"), CONNECTION_CLOSE], chunked=True)
@@ -413,7 +413,11 @@ class DirectDispatch:
         except BadRequest as exc:
             if span is not None:
                 span.status = exc.status
-            if not cycle.disconnected:
+            if cycle.disconnected:
+                return
+            if exc.status == 413:  # a body without a declared length, counted past the limit
+                cycle.refuse_body(daemon.settings.max_request_body_bytes)
+            else:
                 cycle.answer_json(exc.status, exc.body())
             return
         stream = DirectStream(

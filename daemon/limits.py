@@ -80,7 +80,10 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
-            self._cancel_deadline()
+            if self.cycle is None or not self.cycle.response_complete:
+                self._cancel_deadline()
+            # else the body trailed an early answer (a refusal): the deadline armed for the
+            # next request runs on, or the connection would be held with no timer at all.
             self._in_head, self._head_bytes = True, 0
             super().on_message_complete()
 

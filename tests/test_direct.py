@@ -188,3 +188,82 @@ def test_the_head_leaves_before_a_slow_plugin_answers(pair: tuple[Daemon, Daemon
             assert response.status_code == 200
             assert response.headers["content-type"] == "text/event-stream"
             assert _sessions(direct) == 1
+
+
+# Drills against both paths: what a client that does not behave can make either one do.
+
+
+def _connect(daemon: Daemon) -> socket.socket:
+    host, port = daemon.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.settimeout(60)  # generous: only says the daemon did not hang
+    return sock
+
+
+def _read_answer_and_close(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _head(daemon: Daemon, path: str = "/plugin/t1/dispatch/tool/invoke", **changes: str) -> bytes:
+    fields = {k.lower(): v for k, v in daemon.headers(FP).items()}
+    fields.update({"content-type": "application/json", **changes})
+    lines = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    return f"POST {path} HTTP/1.1\r\nhost: x\r\n{lines}\r\n".encode()
+
+
+def _without_date(answer: bytes) -> bytes:
+    return re.sub(rb"date: [^\r]*\r\n", b"", answer)
+
+
+def test_a_chunked_body_over_the_limit_is_refused_and_the_connection_closed(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    """As a declared length over the limit: 413, and the rest of the body is not read."""
+    answers = []
+    for daemon in pair:
+        with _connect(daemon) as sock:
+            sock.sendall(_head(daemon, **{"transfer-encoding": "chunked"}) + b"%x\r\n" % 70000 + b"x" * 70000)
+            # The client would go on sending; the daemon hangs up instead of reading on.
+            answers.append(_without_date(_read_answer_and_close(sock)))
+    direct, asgi = answers
+    assert direct.startswith(b"HTTP/1.1 413 ") and b"connection: close" in direct, direct
+    assert b"request body larger than 65536 bytes" in direct
+    assert direct == asgi
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
+    """Both paths with short client deadlines, for the drills that wait for them."""
+    settings = {"max_request_body_bytes": 65536, "server_request_read_timeout": 2, "client_write_timeout": 2}
+    daemons = {
+        "direct": _start(tmp_path_factory.mktemp("direct"), **settings),
+        "asgi": _start(tmp_path_factory.mktemp("asgi"), server_direct_dispatch="false", **settings),
+    }
+    yield daemons
+    for daemon in daemons.values():
+        daemon.stop()
+
+
+@pytest.mark.parametrize("path", ["direct", "asgi"])
+def test_a_body_that_trails_a_refusal_does_not_hold_the_connection(
+    strict: dict[str, Daemon], path: str
+) -> None:
+    """Refused on its head (401), the request's body comes after the answer; then nothing.
+    The connection is still held to the read deadline, as any other that sends nothing."""
+    daemon = strict[path]
+    body = json.dumps(_tool()).encode()
+    with _connect(daemon) as sock:
+        sock.sendall(_head(daemon, **{"x-api-key": "wrong", "content-length": str(len(body))}) + body[:10])
+        answer = b""
+        while not answer.endswith(b'"data":null}') and (chunk := sock.recv(65536)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        sock.sendall(body[10:])
+        rest = _read_answer_and_close(sock)  # did not hang
+    assert rest.startswith(b"HTTP/1.1 408 "), rest
