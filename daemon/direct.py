@@ -267,6 +267,7 @@ class DirectStream:
         self._scheduled = False
         self.gone = False
         self._ended = False
+        self._written = False  # any byte of the response handed to the transport
 
     async def run(self) -> None:
         cycle = self.cycle
@@ -285,6 +286,13 @@ class DirectStream:
             if not self.gone:
                 self.gone = True
                 self._on_disconnect()
+        except Exception:
+            if not self._written:  # nothing has left: the cycle answers 500 instead of a cut stream
+                self._pending.clear()
+                cycle.response_started = False
+                if self._span is not None:
+                    self._span.status = 500
+            raise
         finally:
             self._ended = True
             head_timer.cancel()
@@ -318,6 +326,7 @@ class DirectStream:
         if self._pending and not self.gone:
             self.cycle.transport.write(b"".join(self._pending))
             self._pending.clear()
+            self._written = True
 
     async def _writable(self) -> None:
         flow = self.cycle.flow

@@ -267,3 +267,28 @@ def test_a_body_that_trails_a_refusal_does_not_hold_the_connection(
         sock.sendall(body[10:])
         rest = _read_answer_and_close(sock)  # did not hang
     assert rest.startswith(b"HTTP/1.1 408 "), rest
+
+
+def test_a_failure_before_the_stream_has_left_is_answered_500_and_the_connection_kept(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    """Parameters nested deeper than the plugin protocol's encoder goes fail as the session opens,
+    before the event-stream head has left: the answer is a 500 in upstream's envelope, not a
+    connection cut with nothing (the ASGI path has sent its head by then and can only cut)."""
+    direct, _ = pair
+    nested = {"user_id": "u", "data": {**FASTPROTO, "tool_parameters": {"a": "["}}}
+    text = json.dumps(nested).replace('"["', "[" * 600 + "]" * 600).encode()
+    logged = direct.log().count("unhandled error in POST")
+    with _connect(direct) as sock:
+        sock.sendall(_head(direct, **{"content-length": str(len(text))}) + text)
+        answer = b""
+        while not answer.endswith(b'"data":null}') and (chunk := sock.recv(65536)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 500 "), answer
+        envelope = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert envelope["code"] == -500 and envelope["data"] is None
+        assert direct.log().count("unhandled error in POST") == logged + 1  # logged, with its traceback
+        good = json.dumps(_tool()).encode()  # the same connection serves the next request
+        sock.sendall(_head(direct, connection="close", **{"content-length": str(len(good))}) + good)
+        rest = _read_answer_and_close(sock)
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"0\r\n\r\n"), rest
