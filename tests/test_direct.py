@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from daemon.testing import Daemon, copy_plugin, parse_sse, start_daemon
@@ -292,3 +293,27 @@ def test_a_failure_before_the_stream_has_left_is_answered_500_and_the_connection
         sock.sendall(_head(direct, connection="close", **{"content-length": str(len(good))}) + good)
         rest = _read_answer_and_close(sock)
     assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"0\r\n\r\n"), rest
+
+
+def test_a_client_that_stops_reading_loses_its_connection_not_only_its_session(
+    strict: dict[str, Daemon],
+) -> None:
+    """Past CLIENT_WRITE_TIMEOUT the stream is given up and the socket closed at once: a close
+    that waited for the unread buffer to drain would hold the descriptor as long as the client."""
+    daemon = strict["direct"]
+    body = json.dumps(_tool(count=100, size=65536)).encode()  # within the session's buffer
+    host, port = daemon.url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(_head(daemon, **{"content-length": str(len(body))}) + body)
+        mine = sock.getsockname()[1]
+
+        def held() -> bool:
+            connections = psutil.Process(daemon.proc.pid).net_connections()
+            return any(c.raddr and c.raddr.port == mine for c in connections)
+
+        _wait_for(held, "the connection was never accepted")
+        _wait_for(lambda: not held(), "the daemon kept the connection of a client that stopped reading")
+        assert _sessions(daemon) == 0
+    assert _request(daemon, "t1/dispatch/tool/invoke", {}, _tool()).status_code == 200
