@@ -280,6 +280,9 @@ class DirectStream:
         cycle.on_lost = self._lost
         if cycle.disconnected:  # left while the session was being opened
             self._lost()
+        # Reading pauses while requests are pipelined behind this one, and a client that leaves
+        # is seen by reading its end of file: read on, as uvicorn's watcher of a response does.
+        cycle.flow.resume_reading()
         try:
             await self._produce(self.send_body)
         except ClientGone:

@@ -317,3 +317,16 @@ def test_a_client_that_stops_reading_loses_its_connection_not_only_its_session(
         _wait_for(lambda: not held(), "the daemon kept the connection of a client that stopped reading")
         assert _sessions(daemon) == 0
     assert _request(daemon, "t1/dispatch/tool/invoke", {}, _tool()).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["direct", "asgi"])
+def test_a_client_that_leaves_with_requests_queued_ends_the_running_session(
+    pair: tuple[Daemon, Daemon], path: str
+) -> None:
+    """The request whose stream runs hears of the lost connection, not only the last one queued
+    behind it; else its session would run on for nobody, a slot no connection limit counts."""
+    daemon = pair[0] if path == "direct" else pair[1]
+    with _connect(daemon) as sock:
+        sock.sendall(_raw_request(daemon, _tool(hang=True)) + _raw_request(daemon, _tool()))
+        _wait_for(lambda: _sessions(daemon) == 1, "the session never started")
+    _wait_for(lambda: _sessions(daemon) == 0, "the session outlived its client")
