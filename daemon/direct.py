@@ -187,8 +187,8 @@ class DirectCycle:
         self.complete()
 
     def refuse_body(self, limit: int) -> None:
-        """413 for a declared body over ``limit``, as :class:`daemon.limits.BodyLimit` answers it
-        (before any other check, and closing the connection: the body is not read)."""
+        """413 for a body over ``limit``, as :class:`daemon.limits.BodyLimit` answers it (a declared
+        one before any other check), closing the connection: the rest of the body is not read."""
         self.keep_alive = False
         body = limits.json_error(413, f"request body larger than {limit} bytes")
         head = self.head(413, [(b"content-type", b"application/json"), CONNECTION_CLOSE], chunked=True)
@@ -267,6 +267,7 @@ class DirectStream:
         self._scheduled = False
         self.gone = False
         self._ended = False
+        self._written = False  # any byte of the response handed to the transport
 
     async def run(self) -> None:
         cycle = self.cycle
@@ -279,12 +280,22 @@ class DirectStream:
         cycle.on_lost = self._lost
         if cycle.disconnected:  # left while the session was being opened
             self._lost()
+        # Reading pauses while requests are pipelined behind this one, and a client that leaves
+        # is seen by reading its end of file: read on, as uvicorn's watcher of a response does.
+        cycle.flow.resume_reading()
         try:
             await self._produce(self.send_body)
         except ClientGone:
             if not self.gone:
                 self.gone = True
                 self._on_disconnect()
+        except Exception:
+            if not self._written:  # nothing has left: the cycle answers 500 instead of a cut stream
+                self._pending.clear()
+                cycle.response_started = False
+                if self._span is not None:
+                    self._span.status = 500
+            raise
         finally:
             self._ended = True
             head_timer.cancel()
@@ -318,6 +329,7 @@ class DirectStream:
         if self._pending and not self.gone:
             self.cycle.transport.write(b"".join(self._pending))
             self._pending.clear()
+            self._written = True
 
     async def _writable(self) -> None:
         flow = self.cycle.flow
@@ -413,7 +425,11 @@ class DirectDispatch:
         except BadRequest as exc:
             if span is not None:
                 span.status = exc.status
-            if not cycle.disconnected:
+            if cycle.disconnected:
+                return
+            if exc.status == 413:  # a body without a declared length, counted past the limit
+                cycle.refuse_body(daemon.settings.max_request_body_bytes)
+            else:
                 cycle.answer_json(exc.status, exc.body())
             return
         stream = DirectStream(

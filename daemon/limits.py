@@ -19,6 +19,7 @@ import contextlib
 import json
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -42,6 +43,7 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
         _head_bytes = 0  # bytes read while a head is incomplete
         _in_head = True
         _deadline: asyncio.TimerHandle | None = None
+        _running: Any = None  # the request whose task runs; ``cycle`` is the last one parsed
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -49,7 +51,17 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_deadline()
+            running = self._running
             super().connection_lost(exc)
+            # uvicorn tells only the last request parsed; one running ahead of pipelined ones
+            # would stream on for nobody, its session held, until it ended by itself.
+            if running is not None and running is not self.cycle and not running.response_complete:
+                running.disconnected = True
+                running.message_event.set()
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
 
         def data_received(self, data: bytes) -> None:
             # Counted per read (at most one read beyond the limit is ever held); a read that
@@ -80,7 +92,10 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
-            self._cancel_deadline()
+            if self.cycle is None or not self.cycle.response_complete:
+                self._cancel_deadline()
+            # else the body trailed an early answer (a refusal): the deadline armed for the
+            # next request runs on, or the connection would be held with no timer at all.
             self._in_head, self._head_bytes = True, 0
             super().on_message_complete()
 

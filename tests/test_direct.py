@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from daemon.testing import Daemon, copy_plugin, parse_sse, start_daemon
@@ -188,3 +189,144 @@ def test_the_head_leaves_before_a_slow_plugin_answers(pair: tuple[Daemon, Daemon
             assert response.status_code == 200
             assert response.headers["content-type"] == "text/event-stream"
             assert _sessions(direct) == 1
+
+
+# Drills against both paths: what a client that does not behave can make either one do.
+
+
+def _connect(daemon: Daemon) -> socket.socket:
+    host, port = daemon.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.settimeout(60)  # generous: only says the daemon did not hang
+    return sock
+
+
+def _read_answer_and_close(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _head(daemon: Daemon, path: str = "/plugin/t1/dispatch/tool/invoke", **changes: str) -> bytes:
+    fields = {k.lower(): v for k, v in daemon.headers(FP).items()}
+    fields.update({"content-type": "application/json", **changes})
+    lines = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    return f"POST {path} HTTP/1.1\r\nhost: x\r\n{lines}\r\n".encode()
+
+
+def _without_date(answer: bytes) -> bytes:
+    return re.sub(rb"date: [^\r]*\r\n", b"", answer)
+
+
+def test_a_chunked_body_over_the_limit_is_refused_and_the_connection_closed(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    """As a declared length over the limit: 413, and the rest of the body is not read."""
+    answers = []
+    for daemon in pair:
+        with _connect(daemon) as sock:
+            sock.sendall(_head(daemon, **{"transfer-encoding": "chunked"}) + b"%x\r\n" % 70000 + b"x" * 70000)
+            # The client would go on sending; the daemon hangs up instead of reading on.
+            answers.append(_without_date(_read_answer_and_close(sock)))
+    direct, asgi = answers
+    assert direct.startswith(b"HTTP/1.1 413 ") and b"connection: close" in direct, direct
+    assert b"request body larger than 65536 bytes" in direct
+    assert direct == asgi
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
+    """Both paths with short client deadlines, for the drills that wait for them."""
+    settings = {"max_request_body_bytes": 65536, "server_request_read_timeout": 2, "client_write_timeout": 2}
+    daemons = {
+        "direct": _start(tmp_path_factory.mktemp("direct"), **settings),
+        "asgi": _start(tmp_path_factory.mktemp("asgi"), server_direct_dispatch="false", **settings),
+    }
+    yield daemons
+    for daemon in daemons.values():
+        daemon.stop()
+
+
+@pytest.mark.parametrize("path", ["direct", "asgi"])
+def test_a_body_that_trails_a_refusal_does_not_hold_the_connection(
+    strict: dict[str, Daemon], path: str
+) -> None:
+    """Refused on its head (401), the request's body comes after the answer; then nothing.
+    The connection is still held to the read deadline, as any other that sends nothing."""
+    daemon = strict[path]
+    body = json.dumps(_tool()).encode()
+    with _connect(daemon) as sock:
+        sock.sendall(_head(daemon, **{"x-api-key": "wrong", "content-length": str(len(body))}) + body[:10])
+        answer = b""
+        while not answer.endswith(b'"data":null}') and (chunk := sock.recv(65536)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 ")
+        sock.sendall(body[10:])
+        rest = _read_answer_and_close(sock)  # did not hang
+    assert rest.startswith(b"HTTP/1.1 408 "), rest
+
+
+def test_a_failure_before_the_stream_has_left_is_answered_500_and_the_connection_kept(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    """Parameters nested deeper than the plugin protocol's encoder goes fail as the session opens,
+    before the event-stream head has left: the answer is a 500 in upstream's envelope, not a
+    connection cut with nothing (the ASGI path has sent its head by then and can only cut)."""
+    direct, _ = pair
+    nested = {"user_id": "u", "data": {**FASTPROTO, "tool_parameters": {"a": "["}}}
+    text = json.dumps(nested).replace('"["', "[" * 600 + "]" * 600).encode()
+    logged = direct.log().count("unhandled error in POST")
+    with _connect(direct) as sock:
+        sock.sendall(_head(direct, **{"content-length": str(len(text))}) + text)
+        answer = b""
+        while not answer.endswith(b'"data":null}') and (chunk := sock.recv(65536)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 500 "), answer
+        envelope = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert envelope["code"] == -500 and envelope["data"] is None
+        assert direct.log().count("unhandled error in POST") == logged + 1  # logged, with its traceback
+        good = json.dumps(_tool()).encode()  # the same connection serves the next request
+        sock.sendall(_head(direct, connection="close", **{"content-length": str(len(good))}) + good)
+        rest = _read_answer_and_close(sock)
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"0\r\n\r\n"), rest
+
+
+def test_a_client_that_stops_reading_loses_its_connection_not_only_its_session(
+    strict: dict[str, Daemon],
+) -> None:
+    """Past CLIENT_WRITE_TIMEOUT the stream is given up and the socket closed at once: a close
+    that waited for the unread buffer to drain would hold the descriptor as long as the client."""
+    daemon = strict["direct"]
+    body = json.dumps(_tool(count=100, size=65536)).encode()  # within the session's buffer
+    host, port = daemon.url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.sendall(_head(daemon, **{"content-length": str(len(body))}) + body)
+        mine = sock.getsockname()[1]
+
+        def held() -> bool:
+            connections = psutil.Process(daemon.proc.pid).net_connections()
+            return any(c.raddr and c.raddr.port == mine for c in connections)
+
+        _wait_for(held, "the connection was never accepted")
+        _wait_for(lambda: not held(), "the daemon kept the connection of a client that stopped reading")
+        assert _sessions(daemon) == 0
+    assert _request(daemon, "t1/dispatch/tool/invoke", {}, _tool()).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["direct", "asgi"])
+def test_a_client_that_leaves_with_requests_queued_ends_the_running_session(
+    pair: tuple[Daemon, Daemon], path: str
+) -> None:
+    """The request whose stream runs hears of the lost connection, not only the last one queued
+    behind it; else its session would run on for nobody, a slot no connection limit counts."""
+    daemon = pair[0] if path == "direct" else pair[1]
+    with _connect(daemon) as sock:
+        sock.sendall(_raw_request(daemon, _tool(hang=True)) + _raw_request(daemon, _tool()))
+        _wait_for(lambda: _sessions(daemon) == 1, "the session never started")
+    _wait_for(lambda: _sessions(daemon) == 0, "the session outlived its client")
