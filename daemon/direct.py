@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from daemon import limits
 from daemon.dispatch import KINDS, BadRequest, Kind
@@ -54,7 +55,6 @@ PREFIX = "/plugin/"
 END_OF_BODY = b"0\r\n\r\n"
 HEAD_DELAY = 0.05  # seconds the response head may wait to leave with the first events
 CONNECTION_CLOSE = (b"connection", b"close")
-_REASONS = {200: b"OK"}
 
 
 class RawHeaders:
@@ -134,7 +134,7 @@ class DirectCycle:
         protocol: HttpToolsProtocol,
         kind: Kind,
         path: str,
-        request: DirectRequest | None,
+        tenant: str,
         keep_alive: bool,
     ) -> None:
         self.protocol = protocol
@@ -150,7 +150,7 @@ class DirectCycle:
         self.response_complete = False
         self.message_event = _Signal(self)
         self.on_lost: Callable[[], None] | None = None  # the running stream's, while it runs
-        self.request = request
+        self.request = DirectRequest(self, RawHeaders(protocol.headers), tenant)
         self._on_response = protocol.on_response_complete
 
     async def run_asgi(self, handler: Callable[[DirectCycle], Awaitable[None]]) -> None:
@@ -214,7 +214,7 @@ def _head(
     keep_alive: bool,
     chunked: bool,
 ) -> bytes:
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+    lines = [STATUS_LINE[status]]  # uvicorn's own, so both paths say the same
     for name, value in (*defaults, *headers):
         lines.append(b"%s: %s\r\n" % (name, value))
     if not keep_alive and CONNECTION_CLOSE not in headers:
@@ -227,17 +227,6 @@ def _head(
 
 def _nothing() -> None:
     pass
-
-
-def _reason(status: int) -> bytes:
-    reason = _REASONS.get(status)
-    if reason is None:
-        from http import HTTPStatus
-
-        with contextlib.suppress(ValueError):
-            reason = HTTPStatus(status).phrase.encode()
-        _REASONS[status] = reason = reason or b""
-    return reason
 
 
 class DirectStream:
@@ -384,9 +373,7 @@ def take(protocol: HttpToolsProtocol, routes: Routes) -> DirectCycle | None:
     kind = routes.get(parts[3])
     if kind is None or parser.should_upgrade():
         return None
-    cycle = DirectCycle(protocol, kind, path, None, parser.should_keep_alive())
-    cycle.request = DirectRequest(cycle, RawHeaders(protocol.headers), parts[2])
-    return cycle
+    return DirectCycle(protocol, kind, path, parts[2], parser.should_keep_alive())
 
 
 class DirectDispatch:
@@ -397,10 +384,9 @@ class DirectDispatch:
         self.spans = spans
 
     async def __call__(self, cycle: DirectCycle) -> None:
-        assert cycle.request is not None
         declared = cycle.request.headers.get("content-length")
         limit = self.daemon.settings.max_request_body_bytes
-        if declared is not None and not (declared.isdigit() and int(declared) <= limit):
+        if declared is not None and not limits.declared_within(declared, limit):
             cycle.refuse_body(limit)  # before tracing, as the body limit is outside it in the app
             return
         span = None
@@ -414,12 +400,10 @@ class DirectDispatch:
             raise
         finally:
             if span is not None:
-                assert cycle.request is not None
                 span.end(cycle.kind.path, cycle.request.path_params["tenant_id"], failed)
 
     async def _serve(self, cycle: DirectCycle, span: RequestSpan | None) -> None:
         daemon = self.daemon
-        assert cycle.request is not None
         try:
             invocation = await daemon.start_dispatch(cycle.kind, cycle.request)  # type: ignore[arg-type]
         except BadRequest as exc:

@@ -143,6 +143,11 @@ def _refusal(status: int, message: str) -> ASGIApp:
     return app
 
 
+def declared_within(length: str | bytes, limit: int) -> bool:
+    """A ``Content-Length`` that frames a body of at most ``limit`` bytes (anything else is refused)."""
+    return length.isdigit() and int(length) <= limit
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -166,7 +171,7 @@ class BodyLimit:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 # A declared length frames the body exactly: within the limit, nothing to count.
-                if value.isdigit() and int(value) <= limit:
+                if declared_within(value, limit):
                     await self.app(scope, receive, send)
                 else:
                     await self._refuse(send, limit)

@@ -156,9 +156,6 @@ class _HistogramCounts:
                     if labels is not None:
                         self.exemplars[position] = Exemplar(labels, value, now)
 
-    def observe(self, value: float) -> None:
-        self.observe_many([value])
-
 
 invocations_total = Counter(
     "plugin_invocations_total",
