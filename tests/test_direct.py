@@ -48,6 +48,13 @@ def _tool(**parameters: Any) -> dict[str, Any]:
     return {"user_id": "u", "data": {**FASTPROTO, "tool_parameters": parameters}}
 
 
+def _nested(levels: int) -> Any:
+    value: Any = 0
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
 # (path below /plugin/, headers to change (None removes), body as JSON or bytes)
 CASES: list[tuple[str, dict[str, str | None], Any]] = [
     ("t1/dispatch/tool/invoke", {}, _tool()),
@@ -62,6 +69,8 @@ CASES: list[tuple[str, dict[str, str | None], Any]] = [
     ("t1/dispatch/tool/invoke", {}, {"data": {**FASTPROTO, "tool_parameters": [1]}}),
     ("t1/dispatch/tool/invoke", {}, b'{"user_id": "u", "data": {"provider": "fas'),
     ("t1/dispatch/tool/invoke", {}, b"[1, 2]"),
+    ("t1/dispatch/tool/invoke", {}, _tool(deep=_nested(300))),
+    ("t1/dispatch/tool/invoke", {}, _tool(deep=_nested(126))),
     ("t1/dispatch/tool/invoke", {}, b""),
     ("t1/dispatch/tool/invoke", {}, b"x" * 70000),
     ("t1/dispatch/tool/invoke", {"content-type": "text/plain"}, _tool()),
@@ -122,6 +131,21 @@ def test_an_invocation_is_answered_as_before(pair: tuple[Daemon, Daemon]) -> Non
     assert r.headers["transfer-encoding"] == "chunked"
     events = parse_sse(r.content)
     assert [e.message["type"] for e in events] == ["text", "text", "variable", "variable"]
+
+
+def test_a_body_nested_deeper_than_the_plugin_can_be_sent_is_a_bad_request(
+    pair: tuple[Daemon, Daemon],
+) -> None:
+    direct, _ = pair
+    # body, data, tool_parameters, then the lists: 3 + 125 levels pass, 3 + 126 do not.
+    assert _request(direct, "t1/dispatch/tool/invoke", {}, _tool(deep=_nested(125))).status_code == 200
+    for levels in (126, 300, 1000):
+        r = _request(direct, "t1/dispatch/tool/invoke", {}, _tool(deep=_nested(levels)))
+        assert r.status_code == 400, levels
+        error = json.loads(r.json()["message"])
+        assert error["error_type"] == "PluginDaemonBadRequestError"
+        assert error["message"] == "request body nested deeper than 128 levels"
+    assert _sessions(direct) == 0
 
 
 def _raw_request(daemon: Daemon, body: dict[str, Any], *, close: bool = False) -> bytes:

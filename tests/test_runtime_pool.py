@@ -145,6 +145,38 @@ def test_a_reaped_process_is_never_signalled(
     run(body())
 
 
+def _write_calls() -> int:
+    """The write system calls this process (the daemon's side of the pipes) has made so far."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/self/io")
+
+
+def test_requests_sent_in_one_turn_of_the_loop_reach_the_plugin_in_one_write(
+    run: Callable[..., None], tmp_path: Path
+) -> None:
+    async def body() -> None:
+        async with running_pool(tmp_path) as pool:
+            instance = await pool.acquire(60)
+            sessions = [new_session(pool) for _ in range(50)]
+            data = {"provider": "fastproto", "tool": "emit", "tool_parameters": {}}
+            requests = [tool_request(s.id, user_id="u", action="invoke_tool", data=data) for s in sessions]
+            before = _write_calls()
+            # One turn: every task sends before the loop writes anything.
+            await asyncio.gather(
+                *(instance.open_session(s, r) for s, r in zip(sessions, requests, strict=True))
+            )
+            await asyncio.sleep(0)  # the turn in which the frames are written
+            assert _write_calls() - before <= 2  # one write (not one per request)
+            await until(lambda: all(s.closed for s in sessions))
+            for s in sessions:  # every request answered, in its own session
+                assert await s.next_batch() and await s.next_batch() == []
+                instance.release(s)
+
+    run(body())
+
+
 def test_requests_wait_while_a_plugin_does_not_read_its_stdin(
     run: Callable[..., None], tmp_path: Path
 ) -> None:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from daemon.runtime.tcp import RemotePlugin
 
 TENANT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would let a final newline in
+# Deeper JSON parses, but cannot be encoded again for the plugin (orjson stops at 255 levels, and
+# the request's envelope adds three), so it is refused as a bad request, not failed as a 500.
+MAX_JSON_DEPTH = 128
 PLUGIN_ID = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)/([A-Za-z0-9_][A-Za-z0-9_.-]*)(:[^@]+)?(@\S+)?$")
 
 
@@ -182,9 +185,27 @@ async def read_json(request: Request, limit: int) -> Any:
     if not raw:
         raise BadRequest(400, "empty request body; expected a JSON object")
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(400, f"malformed JSON body: {exc}") from None
+    # Only a body with that many brackets can be that deep: the usual one is not walked.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
+        raise BadRequest(400, f"request body nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and arrays in ``value`` nest more than ``limit`` levels (without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if type(item) is dict else item if type(item) is list else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 async def _streamed_body(request: Request, limit: int) -> bytes:

@@ -13,7 +13,9 @@ invocation than the rest of the relay's reading; ``bench/REPORT.md``.) The end o
 is handled on a short-lived thread, because reaping waits for the process. A stderr thread
 keeps a bounded tail for the pool's ``failed`` state and logs at a bounded rate. Writes go
 through an asyncio pipe transport with flow control: :meth:`send` waits while the plugin is
-not reading, so requests cannot pile up in the daemon.
+not reading, so requests cannot pile up in the daemon. Frames sent in one turn of the event
+loop leave in one write: under load several requests arrive per turn, and each write to the
+pipe is a system call that may wake the plugin.
 
 The exit cause is a value: :attr:`exited` resolves to "<cause> (exit code N)".
 """
@@ -69,14 +71,18 @@ class _FlowControl(asyncio.Protocol):
     def __init__(self) -> None:
         self._resumed = asyncio.Event()
         self._resumed.set()
+        self.paused = False
 
     def pause_writing(self) -> None:
+        self.paused = True
         self._resumed.clear()
 
     def resume_writing(self) -> None:
+        self.paused = False
         self._resumed.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.paused = False
         self._resumed.set()  # nobody waits on a dead pipe
 
     async def drained(self) -> None:
@@ -222,6 +228,8 @@ class ProcessTransport:
         self._stdin: asyncio.WriteTransport | None = None
         self._stdout: asyncio.ReadTransport | None = None
         self._flow: _FlowControl | None = None
+        self._outgoing: list[bytes] = []  # frames of this turn of the loop, written at its end
+        self._outgoing_bytes = 0
         self._kill_reason: str | None = None
         # Held while signalling and while reaping: a reaped pid may belong to someone else.
         self._reap_lock = threading.Lock()
@@ -265,14 +273,25 @@ class ProcessTransport:
     @property
     def queued_bytes(self) -> int:
         """Bytes written for the plugin that it has not read yet (bounded by flow control)."""
-        return self._stdin.get_write_buffer_size() if self._stdin is not None else 0
+        buffered = self._stdin.get_write_buffer_size() if self._stdin is not None else 0
+        return buffered + self._outgoing_bytes
 
     async def send(self, data: bytes) -> None:
-        """Write one frame, waiting first while the plugin is not reading its stdin."""
-        if self._flow is not None:
-            await self._flow.drained()
-        if self._stdin is not None and not self._stdin.is_closing():
-            self._stdin.write(data)
+        """Queue one frame, waiting first while the plugin is not reading its stdin; the frames
+        of one turn of the loop are written together, in order, at its end."""
+        flow = self._flow
+        if flow is not None and (flow.paused or self._outgoing_bytes >= WRITE_HIGH_WATER):
+            self._write_outgoing()  # the pipe's own buffer decides whether to wait
+            await flow.drained()
+        if not self._outgoing:
+            self._loop.call_soon(self._write_outgoing)
+        self._outgoing.append(data)
+        self._outgoing_bytes += len(data)
+
+    def _write_outgoing(self) -> None:
+        frames, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
+        if frames and self._stdin is not None and not self._stdin.is_closing():
+            self._stdin.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def kill(self, reason: str) -> None:
         """Kill the process group (once reaped, never: the pid may be reused)."""
