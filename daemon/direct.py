@@ -439,11 +439,8 @@ def protocol(base: type[HttpToolsProtocol], dispatch: DirectDispatch) -> type[Ht
     class DirectProtocol(base):  # type: ignore[valid-type, misc]
         def start_request(self) -> None:
             cycle = take(self, routes)
-            limit = self.limit_concurrency
-            if cycle is None or (
-                limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
-            ):
-                super().start_request()  # ASGI, or uvicorn's 503 over the concurrency limit
+            if cycle is None:
+                super().start_request()  # ASGI
                 return
             existing, self.cycle = self.cycle, cycle
             if existing is None or existing.response_complete:

@@ -5,7 +5,8 @@ forever (its keep-alive timer restarts at every byte, so a client trickling a
 header holds its connection, and a descriptor, indefinitely). :func:`protocol`
 makes the protocol class the daemon serves with: a head larger than
 ``SERVER_MAX_HEADER_BYTES`` is answered 431 and the connection closed as soon as
-the bytes arrive, and a request that is not fully received within
+the bytes arrive, a request over ``SERVER_MAX_CONNECTIONS`` is answered 503 in
+upstream's error envelope and its connection closed, and a request that is not fully received within
 ``SERVER_REQUEST_READ_TIMEOUT`` (an idle new connection included) is answered 408
 and closed. :class:`BodyLimit` applies ``MAX_REQUEST_BODY_BYTES`` to every route's
 body, not only dispatch's. :class:`Budget` bounds the bytes buffered for slow
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, envelope
+
+log = logging.getLogger(__name__)
 
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 
@@ -77,15 +81,24 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
         def on_headers_complete(self) -> None:
             self._in_head = False
             size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-            if size <= max_head_bytes:
-                self.start_request()
+            if size > max_head_bytes:  # it arrived whole in one read: answered here, not ours
+                self._answer_with(_refusal(431, f"request head larger than {max_head_bytes} bytes"))
                 return
-            # The head arrived whole in one read: answer it with a 431 app instead of ours.
-            app, self.app = self.app, _refusal(431, f"request head larger than {max_head_bytes} bytes")
+            limit = self.limit_concurrency
+            if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+                log.warning("over SERVER_MAX_CONNECTIONS (%d): a request answered 503", limit)
+                self._answer_with(_refusal(503, f"the daemon serves at most {limit} connections at once"))
+                return
+            self.start_request()
+
+        def _answer_with(self, refusal: ASGIApp) -> None:
+            """Start the request just parsed with ``refusal`` as its application."""
+            app, self.app = self.app, refusal
+            limit, self.limit_concurrency = self.limit_concurrency, None  # (uvicorn's own 503 is text)
             try:
                 super().on_headers_complete()
             finally:
-                self.app = app
+                self.app, self.limit_concurrency = app, limit
 
         def start_request(self) -> None:
             """A head within bounds: start its request (``daemon/direct.py`` serves some itself)."""

@@ -102,8 +102,14 @@ def test_idle_and_trickling_connections_are_closed_and_connections_are_capped(
     host, port = daemon.url.removeprefix("http://").split(":")
     idle = [socket.create_connection((host, int(port)), timeout=60) for _ in range(25)]
     try:
-        # Over the cap, a request is answered 503 at once instead of waiting for a slot.
-        assert httpx.get(f"{daemon.url}/health/check", timeout=30).status_code == 503
+        # Over the cap, a request is answered 503 at once instead of waiting for a slot, in
+        # upstream's envelope, and its connection closed.
+        for path in ("/health/check", "/plugin/t1/dispatch/tool/invoke"):
+            r = httpx.request("GET" if path == "/health/check" else "POST", f"{daemon.url}{path}", timeout=30)
+            assert r.status_code == 503 and r.headers["connection"] == "close", path
+            error = json.loads(r.json()["message"])
+            assert error["error_type"] == "PluginDaemonInternalServerError", path
+            assert error["message"] == "the daemon serves at most 20 connections at once"
         for sock in idle:  # each idle connection is answered 408 and closed
             assert response_head(sock).startswith(b"HTTP/1.1 408 ")
     finally:
