@@ -294,15 +294,23 @@ def test_a_body_that_trails_a_refusal_does_not_hold_the_connection(
     assert rest.startswith(b"HTTP/1.1 408 "), rest
 
 
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon whose sessions fail as they open when asked to (tests/faults/sitecustomize.py)."""
+    faults = Path(__file__).parent / "faults"
+    daemon = _start(tmp_path_factory.mktemp("faulty"), pythonpath=faults, daemon_test_fault="open_session")
+    yield daemon
+    daemon.stop()
+
+
 def test_a_failure_before_the_stream_has_left_is_answered_500_and_the_connection_kept(
-    pair: tuple[Daemon, Daemon],
+    faulty: Daemon,
 ) -> None:
-    """Parameters nested deeper than the plugin protocol's encoder goes fail as the session opens,
-    before the event-stream head has left: the answer is a 500 in upstream's envelope, not a
-    connection cut with nothing (the ASGI path has sent its head by then and can only cut)."""
-    direct, _ = pair
-    nested = {"user_id": "u", "data": {**FASTPROTO, "tool_parameters": {"a": "["}}}
-    text = json.dumps(nested).replace('"["', "[" * 600 + "]" * 600).encode()
+    """A bug that fails the handler as the session opens, before the event-stream head has left:
+    the answer is a 500 in upstream's envelope, not a connection cut with nothing (the ASGI path
+    has sent its head by then and can only cut)."""
+    direct = faulty
+    text = json.dumps(_tool(fail_open=True)).encode()
     logged = direct.log().count("unhandled error in POST")
     with _connect(direct) as sock:
         sock.sendall(_head(direct, **{"content-length": str(len(text))}) + text)
@@ -313,6 +321,7 @@ def test_a_failure_before_the_stream_has_left_is_answered_500_and_the_connection
         envelope = json.loads(answer.split(b"\r\n\r\n", 1)[1])
         assert envelope["code"] == -500 and envelope["data"] is None
         assert direct.log().count("unhandled error in POST") == logged + 1  # logged, with its traceback
+        assert "fault injected by the test" in direct.log()
         good = json.dumps(_tool()).encode()  # the same connection serves the next request
         sock.sendall(_head(direct, connection="close", **{"content-length": str(len(good))}) + good)
         rest = _read_answer_and_close(sock)
