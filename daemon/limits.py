@@ -30,6 +30,8 @@ from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, envelope
 
 log = logging.getLogger(__name__)
 
+ABORT = "daemon.abort"  # the ASGI scope's key for cutting the request's connection
+
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 
 
@@ -102,6 +104,9 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
 
         def start_request(self) -> None:
             """A head within bounds: start its request (``daemon/direct.py`` serves some itself)."""
+            # An application that must give up on a client (one that stopped reading) cuts the
+            # connection with this: a close would wait for the client to read what is buffered.
+            self.scope[ABORT] = self.transport.abort
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:

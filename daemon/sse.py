@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 
 from starlette.types import Message, Receive, Scope, Send
 
+from daemon.limits import ABORT
+
 HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -62,6 +64,7 @@ class EventStreamResponse:
         task = asyncio.current_task()
         assert task is not None
         gone = False
+        stalled = False
         ended = False
         stopping = False  # this response cancelled its own task
         pending_since: float | None = None  # when the send in progress began
@@ -100,7 +103,7 @@ class EventStreamResponse:
         def check() -> None:
             # One timer per response: it starts the watcher (once the response has run for
             # WATCH_AFTER) and then checks the send in progress, instead of a deadline per send.
-            nonlocal timer, watcher
+            nonlocal timer, watcher, stalled
             if ended:
                 return
             if watcher is None:
@@ -110,6 +113,7 @@ class EventStreamResponse:
             started = pending_since
             waited = 0.0 if started is None else clock() - started
             if waited >= limit:
+                stalled = not gone and not ended
                 stop(self._on_stall)
                 return
             timer = loop.call_later(limit - waited if started is not None else limit / 4, check)
@@ -132,6 +136,10 @@ class EventStreamResponse:
             timer.cancel()
             if watcher is not None:
                 watcher.cancel()
+        abort = scope.get(ABORT)
+        if stalled and abort is not None:
+            abort()  # what it has not read stays unread: nothing to wait for
+            return
         if not gone:
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -328,12 +328,13 @@ def test_a_failure_before_the_stream_has_left_is_answered_500_and_the_connection
     assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"0\r\n\r\n"), rest
 
 
+@pytest.mark.parametrize("path", ["direct", "asgi"])
 def test_a_client_that_stops_reading_loses_its_connection_not_only_its_session(
-    strict: dict[str, Daemon],
+    strict: dict[str, Daemon], path: str
 ) -> None:
     """Past CLIENT_WRITE_TIMEOUT the stream is given up and the socket closed at once: a close
     that waited for the unread buffer to drain would hold the descriptor as long as the client."""
-    daemon = strict["direct"]
+    daemon = strict[path]
     body = json.dumps(_tool(count=100, size=65536)).encode()  # within the session's buffer
     host, port = daemon.url.removeprefix("http://").split(":")
     with socket.socket() as sock:
