@@ -70,7 +70,7 @@ CASES: list[tuple[str, dict[str, str | None], Any]] = [
     ("t1/dispatch/tool/invoke", {}, b'{"user_id": "u", "data": {"provider": "fas'),
     ("t1/dispatch/tool/invoke", {}, b"[1, 2]"),
     ("t1/dispatch/tool/invoke", {}, _tool(deep=_nested(300))),
-    ("t1/dispatch/tool/invoke", {}, _tool(deep=_nested(126))),
+    ("t1/dispatch/tool/invoke", {}, _tool(deep=_nested(248))),
     ("t1/dispatch/tool/invoke", {}, b""),
     ("t1/dispatch/tool/invoke", {}, b"x" * 70000),
     ("t1/dispatch/tool/invoke", {"content-type": "text/plain"}, _tool()),
@@ -137,14 +137,16 @@ def test_a_body_nested_deeper_than_the_plugin_can_be_sent_is_a_bad_request(
     pair: tuple[Daemon, Daemon],
 ) -> None:
     direct, _ = pair
-    # body, data, tool_parameters, then the lists: 3 + 125 levels pass, 3 + 126 do not.
-    assert _request(direct, "t1/dispatch/tool/invoke", {}, _tool(deep=_nested(125))).status_code == 200
-    for levels in (126, 300, 1000):
+    # body, data, tool_parameters, then the lists: 3 + 247 levels pass, 3 + 248 do not.
+    r = _request(direct, "t1/dispatch/tool/invoke", {}, _tool(deep=_nested(247)))
+    events = parse_sse(r.content)
+    assert r.status_code == 200 and events and all(e.ok for e in events)  # the plugin answered
+    for levels in (248, 300, 1000):
         r = _request(direct, "t1/dispatch/tool/invoke", {}, _tool(deep=_nested(levels)))
         assert r.status_code == 400, levels
         error = json.loads(r.json()["message"])
         assert error["error_type"] == "PluginDaemonBadRequestError"
-        assert error["message"] == "request body nested deeper than 128 levels"
+        assert error["message"] == "request body nested deeper than 250 levels"
     assert _sessions(direct) == 0
 
 
