@@ -61,6 +61,7 @@ class Daemon:
         self.server_key = server_key
         self.tracing = tracing
         self.codec = get_codec(settings.codec)
+        self.design = settings.validator.value  # read per invocation: an enum's value is a descriptor call
         self.storage: PluginStorage | None = None
         self.runtime: Runtime | None = None
         self._collector: RuntimeCollector | None = None
@@ -130,7 +131,7 @@ class Daemon:
             session,
             codec=self.codec,
             timeout=settings.plugin_max_execution_timeout,
-            design=settings.validator.value,
+            design=self.design,
             traced=self.tracing.enabled,
             write_timeout=settings.client_write_timeout,
         )

@@ -27,7 +27,6 @@ application as before, and ``SERVER_DIRECT_DISPATCH=false`` sends dispatch there
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
@@ -294,8 +293,10 @@ class DirectStream:
         self._pending.append(END_OF_BODY)
         self._flush()
         # The end is written; a client that does not read it holds nothing past the timeout.
-        with contextlib.suppress(ClientGone):
+        try:
             await self._writable()
+        except ClientGone:
+            return
         if not self.gone:
             cycle.complete()
 

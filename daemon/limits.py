@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import threading
@@ -82,7 +83,8 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
 
         def on_headers_complete(self) -> None:
             self._in_head = False
-            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            headers = self.headers
+            size = len(self.url) + sum(map(len, itertools.chain.from_iterable(headers))) + 4 * len(headers)
             if size > max_head_bytes:  # it arrived whole in one read: answered here, not ours
                 self._answer_with(_refusal(431, f"request head larger than {max_head_bytes} bytes"))
                 return

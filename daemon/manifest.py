@@ -15,6 +15,7 @@ refused: whichever sorted first would otherwise take the other's storage namespa
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -65,7 +66,7 @@ class PluginSpec:
     providers: Mapping[str, ProviderSpec] = field(default_factory=dict)
     memory: int | None = None  # resource.memory as declared, in bytes
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         return f"{self.author}/{self.name}"
 

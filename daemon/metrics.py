@@ -403,7 +403,10 @@ def _flush_validations() -> None:
             series, seconds, verdict = pop()
         except IndexError:
             break
-        durations, verdicts = checks.setdefault(series, ([], collections.Counter()))
+        batch = checks.get(series)
+        if batch is None:  # (not setdefault: its default would be made for every check)
+            batch = checks[series] = ([], collections.Counter())
+        durations, verdicts = batch
         durations.append(seconds)
         verdicts[verdict] += 1
     for series, (durations, verdicts) in checks.items():

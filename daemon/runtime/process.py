@@ -114,7 +114,7 @@ class _StdoutReader(asyncio.Protocol):
         lines = data.split(b"\n")
         self._pending = pending = lines.pop()
         limit = self._limit
-        if len(pending) > limit or any(len(line) > limit for line in lines):
+        if len(pending) > limit or max(map(len, lines), default=0) > limit:
             self._stop(f"wrote a stdout line longer than the {limit} byte limit")
             log.error("plugin %s %s; failing the instance", self._owner.name, self._reason)
             return
