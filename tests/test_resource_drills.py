@@ -126,6 +126,8 @@ def test_an_idle_instance_that_spins_is_restarted_but_never_while_it_has_a_sessi
             (pid,) = daemon.instance_pids(VICTIM)
             # The same (only) instance starts a thread that burns a core and answers normally.
             assert daemon.invoke(VICTIM, "emit", {"count": 1, "spin": True}, provider="fastproto")[-1].ok
+            # (the instance's first sample may still be due: it is taken every 0.2 s)
+            wait_for(lambda: "cpu_seconds" in victim_instances(daemon)[0]["resources"])
             cpu_before = victim_instances(daemon)[0]["resources"]["cpu_seconds"]
             # Busy for many watchdog windows' worth of CPU, yet it has a session: it stays.
             wait_for(
