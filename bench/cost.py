@@ -42,17 +42,20 @@ def workload(events: int, concurrency: int) -> Workload:
     return Workload(size=16, count=events - 1 - variables, variables=variables, concurrency=concurrency)
 
 
+SHIPPED = "jsonschema-rs"  # the validator backend the daemon ships with: what every set measures
+
+
 def variant_set(name: str, revision: str | None, steps: list[str] | None = None) -> list[Variant]:
     if name == "steps":  # the daemon now and at each of ``steps`` (tracing off), and the fast relay
-        earlier = [source_variant(f"daemon @{step}", step) for step in steps or []]
-        return [RELAY_FAST, daemon_variant("daemon"), *earlier]
+        earlier = [source_variant(f"daemon @{step}", step, backend=SHIPPED) for step in steps or []]
+        return [RELAY_FAST, daemon_variant("daemon", backend=SHIPPED), *earlier]
     variants = {
         "relay": [
             RELAY_FAST,
             RELAY_JSON,
             # The daemon as shipped: the owner design on the jsonschema-rs backend.
-            daemon_variant("daemon owner", backend="jsonschema-rs"),
-            daemon_variant("daemon owner traced", backend="jsonschema-rs", tracing=True),
+            daemon_variant("daemon owner", backend=SHIPPED),
+            daemon_variant("daemon owner traced", backend=SHIPPED, tracing=True),
             # What the schema check costs: the same daemon without it, and with pure-Python jsonschema.
             daemon_variant("daemon none", validator="none"),
             daemon_variant("daemon owner py"),
@@ -60,20 +63,23 @@ def variant_set(name: str, revision: str | None, steps: list[str] | None = None)
             Variant(
                 "daemon owner asgi",
                 "daemon",
-                daemon_variant("", backend="jsonschema-rs").settings | {"server_direct_dispatch": "false"},
+                daemon_variant("", backend=SHIPPED).settings | {"server_direct_dispatch": "false"},
             ),
         ],
-        "tracing": [daemon_variant("tracing off"), daemon_variant("tracing on", tracing=True)],
+        "tracing": [
+            daemon_variant("tracing off", backend=SHIPPED),
+            daemon_variant("tracing on", backend=SHIPPED, tracing=True),
+        ],
         "tracing-aa": [
-            daemon_variant("tracing off"),
-            daemon_variant("tracing off (A/A)"),
-            daemon_variant("tracing on", tracing=True),
+            daemon_variant("tracing off", backend=SHIPPED),
+            daemon_variant("tracing off (A/A)", backend=SHIPPED),
+            daemon_variant("tracing on", backend=SHIPPED, tracing=True),
         ],
     }[name]
     if revision:
         variants += [
-            source_variant(f"tracing off @{revision}", revision),
-            source_variant(f"tracing on @{revision}", revision, tracing=True),
+            source_variant(f"tracing off @{revision}", revision, backend=SHIPPED),
+            source_variant(f"tracing on @{revision}", revision, backend=SHIPPED, tracing=True),
         ]
     return variants
 
