@@ -6,9 +6,9 @@ header holds its connection, and a descriptor, indefinitely). :func:`protocol`
 makes the protocol class the daemon serves with: a head larger than
 ``SERVER_MAX_HEADER_BYTES`` is answered 431 and the connection closed as soon as
 the bytes arrive, a request over ``SERVER_MAX_CONNECTIONS`` is answered 503 in
-upstream's error envelope and its connection closed, and a request that is not fully received within
-``SERVER_REQUEST_READ_TIMEOUT`` (an idle new connection included) is answered 408
-and closed. :class:`BodyLimit` applies ``MAX_REQUEST_BODY_BYTES`` to every route's
+upstream's error envelope and its connection closed, and a request that is not
+fully received within ``SERVER_REQUEST_READ_TIMEOUT`` (an idle new connection
+included) is answered 408 and closed. :class:`BodyLimit` applies ``MAX_REQUEST_BODY_BYTES`` to every route's
 body, not only dispatch's. :class:`Budget` bounds the bytes buffered for slow
 callers across all sessions together.
 """
