@@ -13,7 +13,6 @@ than the rest of the response's own work.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -136,10 +135,26 @@ class EventStreamResponse:
             timer.cancel()
             if watcher is not None:
                 watcher.cancel()
-        abort = scope.get(ABORT)
-        if stalled and abort is not None:
-            abort()  # what it has not read stays unread: nothing to wait for
+        if stalled:
+            await _cut(scope)
             return
-        if not gone:
-            with contextlib.suppress(OSError):
+        if gone:
+            return
+        try:
+            # The end waits for the client to read what is before it: not past the timeout.
+            async with asyncio.timeout(limit):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            await _cut(scope)
+        except OSError:
+            pass
+
+
+async def _cut(scope: Scope) -> None:
+    """Cut the connection of a client that stopped reading (a close would wait for it to read)."""
+    abort = scope.get(ABORT)
+    if abort is not None:
+        abort()
+        # Its loss is handled before the response returns, so the server counts it as a
+        # disconnect, not as an application that forgot to finish its response.
+        await asyncio.sleep(0)

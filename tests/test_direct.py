@@ -331,13 +331,21 @@ def test_a_failure_before_the_stream_has_left_is_answered_500_and_the_connection
 
 
 @pytest.mark.parametrize("path", ["direct", "asgi"])
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"count": 100, "size": 65536},  # stalls mid-stream (within the session's buffer)
+        {"count": 1, "size": 4_000_000},  # one event past the socket's buffers, then the end
+    ],
+)
 def test_a_client_that_stops_reading_loses_its_connection_not_only_its_session(
-    strict: dict[str, Daemon], path: str
+    strict: dict[str, Daemon], path: str, output: dict[str, int]
 ) -> None:
     """Past CLIENT_WRITE_TIMEOUT the stream is given up and the socket closed at once: a close
     that waited for the unread buffer to drain would hold the descriptor as long as the client."""
     daemon = strict[path]
-    body = json.dumps(_tool(count=100, size=65536)).encode()  # within the session's buffer
+    logged = daemon.log().count("without completing response")
+    body = json.dumps(_tool(**output)).encode()
     host, port = daemon.url.removeprefix("http://").split(":")
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -353,6 +361,7 @@ def test_a_client_that_stops_reading_loses_its_connection_not_only_its_session(
         _wait_for(lambda: not held(), "the daemon kept the connection of a client that stopped reading")
         assert _sessions(daemon) == 0
     assert _request(daemon, "t1/dispatch/tool/invoke", {}, _tool()).status_code == 200
+    assert daemon.log().count("without completing response") == logged  # a disconnect, not an error
 
 
 @pytest.mark.parametrize("path", ["direct", "asgi"])

@@ -280,7 +280,8 @@ class ProcessTransport:
         """Queue one frame, waiting first while the plugin is not reading its stdin; the frames
         of one turn of the loop are written together, in order, at its end."""
         flow = self._flow
-        if flow is not None and (flow.paused or self._outgoing_bytes >= WRITE_HIGH_WATER):
+        # Again after each wait: every sender waiting for the pipe wakes in the same turn.
+        while flow is not None and (flow.paused or self._outgoing_bytes >= WRITE_HIGH_WATER):
             self._write_outgoing()  # the pipe's own buffer decides whether to wait
             await flow.drained()
         if not self._outgoing:
