@@ -173,3 +173,16 @@ def test_a_server_span_is_current_until_it_ends_then_the_context_is_as_before() 
     assert server.name == "POST /plugin/{tenant_id}/dispatch/tool/invoke"
     assert server.parent_id == CALLER_SPAN and server.is_root
     assert dict(server.attributes)["plugin.id"] == "a/b"
+
+
+def test_values_each_within_the_limit_are_kept_whole_however_long_together() -> None:
+    """The ring skips bounding a span whose whole encoding is within the value limit; a span
+    whose values are only long together is bounded value by value, and keeps every one."""
+    ring = SpanRing(100)
+    provider = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep)
+    limit = provider.limits.value_length
+    values = {f"k{i}": str(i) * (limit // 2) for i in range(1, 5)}
+    values |= {"at": "y" * limit, "over": "z" * (limit + 1)}
+    provider.get_tracer("test").start_span("long together", attributes=values).end()
+    (kept,) = ring.snapshot()
+    assert dict(kept.attributes) == values | {"over": "z" * limit}
