@@ -68,7 +68,10 @@ _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSET = Status(StatusCode.UNSET)
 _getrandbits = random.getrandbits
 _now = time.time_ns
-_PLAIN_TYPES = frozenset((str, int, float, bool))  # attribute values kept as they are
+# Attribute values the ring keeps as they are; None marks an attribute a key set names but
+# the span did not have (see LeanSpan.record), dropped when the span is shown or exported.
+_PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+_set_item = dict.__setitem__  # a Context refuses item assignment; a new one is filled this way
 
 # What the trace ring keeps of a span: one ``bytes`` object (marshal's encoding of its
 # fields), because a kept span is freed long after it was made. Twenty thousand spans
@@ -114,12 +117,17 @@ def _plainly(value: Any) -> Any:
     return None if value is None else str(value)
 
 
+def key_names(keys: int | tuple[str, ...]) -> tuple[str, ...]:
+    """The attribute keys :func:`key_set` stands for."""
+    return _KEY_SETS[keys] if type(keys) is int else keys
+
+
 def unpack(blob: bytes) -> tuple[Any, ...]:
     """The fields :meth:`LeanSpan.plain` packed, with the attributes as ``(key, value)`` pairs
     sorted by key."""
     *fields, keys, values = marshal.loads(blob)
-    names = _KEY_SETS[keys] if type(keys) is int else keys
-    return (*fields, tuple(sorted(zip(names, values, strict=True))))
+    pairs = zip(key_names(keys), values, strict=True)
+    return (*fields, tuple(sorted(pair for pair in pairs if pair[1] is not None)))
 
 
 # What a recorded span is handed to when it ends: the trace ring, which packs it (see pack).
@@ -142,9 +150,9 @@ def attach(span: trace.Span) -> object:
     returns the token for :func:`detach`."""
     if _CURRENT is None:
         return context_api.attach(trace.set_span_in_context(span))
-    values = dict(_CURRENT.get())
-    values[_SPAN_KEY] = span
-    return _CURRENT.set(context_api.Context(values))
+    context = context_api.Context(_CURRENT.get())
+    _set_item(context, _SPAN_KEY, span)
+    return _CURRENT.set(context)
 
 
 def detach(token: Any) -> None:
@@ -161,9 +169,9 @@ def detach(token: Any) -> None:
 
 def in_context(span: trace.Span) -> context_api.Context:
     """A context holding ``span`` as its current span, as ``trace.set_span_in_context``."""
-    values = dict(current_context())
-    values[_SPAN_KEY] = span
-    return context_api.Context(values)
+    context = context_api.Context(current_context())
+    _set_item(context, _SPAN_KEY, span)
+    return context
 
 
 # Decides for a trace's local root from its parent's span context (invalid when there is none).
@@ -244,6 +252,7 @@ class LeanSpan(trace.Span):
         "attributes",
         "end_ns",
         "events",
+        "keys",
         "kind",
         "name",
         "parent_id",
@@ -254,6 +263,7 @@ class LeanSpan(trace.Span):
         "status_description",
         "trace_id",
         "trace_state",
+        "values",
     )
 
     def __init__(
@@ -278,7 +288,9 @@ class LeanSpan(trace.Span):
         self.kind = kind
         self.start_ns = start_ns or _now()
         self.end_ns = 0
-        self.attributes: dict[str, Any] = dict(attributes) if attributes else {}  # as set: see set_attributes
+        self.attributes: dict[str, Any] | None = dict(attributes) if attributes else None  # as set
+        self.keys: int | tuple[str, ...] | None = None  # and as recorded: see record
+        self.values: tuple[Any, ...] = ()
         self._bounded: dict[str, Any] | None = None
         self._hex: str | None = None
         self.status_code = StatusCode.UNSET
@@ -307,11 +319,38 @@ class LeanSpan(trace.Span):
         return self._hex
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        self.attributes[key] = value  # bounded later, as set_attributes
+        if self.attributes is None:  # bounded later, as set_attributes
+            self.attributes = {key: value}
+        else:
+            self.attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         """Taken as given; bounded once the span has ended (:meth:`bounded_attributes`)."""
-        self.attributes.update(attributes)
+        if self.attributes is None:
+            self.attributes = dict(attributes)
+        else:
+            self.attributes.update(attributes)
+
+    def record(self, keys: int | tuple[str, ...], values: tuple[Any, ...]) -> None:
+        """Attributes as a key set (:func:`key_set`, made once per call site) and a tuple of
+        values, None for an attribute the span does not have: how the daemon's own call
+        sites set a span's attributes, once, without building a dict per request. They
+        become ``(key, value)`` pairs when the span is shown or exported; attributes set
+        one by one take precedence over them."""
+        if self.keys is not None:  # recorded before: keep those as attributes set one by one
+            self.attributes = self.all_attributes()
+        self.keys = keys
+        self.values = values
+
+    def all_attributes(self) -> dict[str, Any]:
+        """The attributes as set and as recorded, unbounded."""
+        attributes = self.attributes or {}
+        if self.keys is None:
+            return attributes
+        pairs = zip(key_names(self.keys), self.values, strict=True)
+        merged = {key: value for key, value in pairs if value is not None}
+        merged.update(attributes)
+        return merged
 
     def bounded_attributes(self) -> dict[str, Any]:
         """The attributes within the limits: strings cut to the value length, invalid values
@@ -322,7 +361,7 @@ class LeanSpan(trace.Span):
         limits = self._tracer.limits
         length, count = limits.value_length, limits.count
         kept: dict[str, Any] = {}
-        for key, value in self.attributes.items():
+        for key, value in self.all_attributes().items():
             kind = type(value)
             if kind is str:
                 if len(value) > length:
@@ -379,11 +418,8 @@ class LeanSpan(trace.Span):
         if self.end_ns:
             return
         self.end_ns = end_time or _now()
-        provider = self._tracer.provider
-        if provider.keep is not None:
-            provider.keep(self)
-        for processor in provider.processors:
-            processor.on_end(self)  # type: ignore[arg-type]
+        for ended in self._tracer.ended:
+            ended(self)
 
     def __enter__(self) -> LeanSpan:
         return self
@@ -406,19 +442,28 @@ class LeanSpan(trace.Span):
         Bounding the attributes one by one (:meth:`bounded_attributes`) was a third of what
         keeping a span cost. Usually nothing needs it: when every value is a plain string
         or number and the whole encoding is no longer than the value limit, no string in it
-        can be longer either; only otherwise are the attributes bounded and packed again.
+        can be longer either; only otherwise (or when the span has attributes both set and
+        recorded) are the attributes bounded and packed again.
         """
         attributes = self.attributes
-        values = tuple(attributes.values())
+        keys: int | tuple[str, ...] | None = self.keys
+        if keys is None:
+            attributes = attributes or {}
+            values = tuple(attributes.values())
+            keys = key_set(tuple(attributes))
+        elif not attributes:
+            values = self.values
+        else:
+            values = (None,) * (self._tracer.limits.count + 1)  # both kinds: bounded below
         limits = self._tracer.limits
         if len(values) <= limits.count and _PLAIN_TYPES.issuperset(map(type, values)):
-            blob = marshal.dumps(self._fields(tuple(attributes), values), 2)
+            blob = marshal.dumps(self._fields(keys, values), 2)
             if len(blob) <= limits.value_length:
                 return blob
         attributes = self.bounded_attributes()
-        return pack(self._fields(tuple(attributes), tuple(attributes.values())))
+        return pack(self._fields(key_set(tuple(attributes)), tuple(attributes.values())))
 
-    def _fields(self, keys: tuple[str, ...], values: tuple[Any, ...]) -> tuple[Any, ...]:
+    def _fields(self, keys: int | tuple[str, ...], values: tuple[Any, ...]) -> tuple[Any, ...]:
         parent_id = self.parent_id
         return (
             self.name,
@@ -430,7 +475,7 @@ class LeanSpan(trace.Span):
             self.end_ns,
             self.status_code is StatusCode.ERROR,
             self.status_description,
-            key_set(keys),
+            keys,
             values,
         )
 
@@ -456,6 +501,15 @@ class LeanSpan(trace.Span):
             end_time=self.end_ns,
             instrumentation_scope=self._tracer.scope,
         )
+
+
+def record(span: trace.Span, keys: int | tuple[str, ...], values: tuple[Any, ...]) -> None:
+    """:meth:`LeanSpan.record` on a lean span; on another, its ``set_attributes`` with the values
+    that are not None."""
+    if type(span) is LeanSpan:
+        span.record(keys, values)
+    else:
+        span.set_attributes({k: v for k, v in zip(key_names(keys), values, strict=True) if v is not None})
 
 
 class _Current:
@@ -555,6 +609,7 @@ class LeanTracer(trace.Tracer):
         self.provider = provider
         self.scope = scope
         self.limits = provider.limits
+        self.ended = provider.ended
 
     def start_span(
         self,
@@ -651,6 +706,11 @@ class LeanTracerProvider(trace.TracerProvider):
         self.default_propagators = _default_propagators()
         self.processors = list(processors)
         self.keep = keep
+        # What an ended span is handed to: the ring, then each processor.
+        self.ended: tuple[Callable[[LeanSpan], None], ...] = (
+            *(() if keep is None else (keep,)),
+            *(processor.on_end for processor in self.processors),  # type: ignore[misc]
+        )
         self._tracers: dict[str, LeanTracer] = {}
         self._lock = threading.Lock()
 
