@@ -97,7 +97,7 @@ def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
     return _KEY_INDEX.setdefault(keys, len(_KEY_SETS) - 1)
 
 
-def pack(fields: tuple[Any, ...]) -> bytes:
+def pack(fields: Sequence[Any]) -> bytes:
     """A kept span's fields as one ``bytes``; values of other types than marshal's are
     written as text (a lean span's values are already plain, an SDK span's may not be).
     Version 2 of marshal's format: without the back-references of later versions, whose
@@ -456,16 +456,8 @@ class LeanSpan(trace.Span):
         else:
             values = (None,) * (self._tracer.limits.count + 1)  # both kinds: bounded below
         limits = self._tracer.limits
-        if len(values) <= limits.count and _PLAIN_TYPES.issuperset(map(type, values)):
-            blob = marshal.dumps(self._fields(keys, values), 2)
-            if len(blob) <= limits.value_length:
-                return blob
-        attributes = self.bounded_attributes()
-        return pack(self._fields(key_set(tuple(attributes)), tuple(attributes.values())))
-
-    def _fields(self, keys: int | tuple[str, ...], values: tuple[Any, ...]) -> tuple[Any, ...]:
         parent_id = self.parent_id
-        return (
+        fields = [
             self.name,
             self.trace_id,
             self.span_id,
@@ -477,7 +469,14 @@ class LeanSpan(trace.Span):
             self.status_description,
             keys,
             values,
-        )
+        ]
+        if len(values) <= limits.count and _PLAIN_TYPES.issuperset(map(type, values)):
+            blob = marshal.dumps(fields, 2)  # a list: unpacked as the tuple would be
+            if len(blob) <= limits.value_length:
+                return blob
+        attributes = self.bounded_attributes()
+        fields[-2:] = key_set(tuple(attributes)), tuple(attributes.values())
+        return pack(fields)
 
     def readable(self) -> ReadableSpan:
         """The SDK's span for an exporter; built on the batch processor's thread."""

@@ -236,10 +236,7 @@ class Tracing:
     def __init__(self, provider: LeanTracerProvider | None, ring: SpanRing | None) -> None:
         self.provider = provider
         self.ring = ring
-
-    @property
-    def enabled(self) -> bool:
-        return self.provider is not None
+        self.enabled = provider is not None  # read per invocation: an attribute, not a property
 
     def shutdown(self) -> None:
         if self.provider is not None:
@@ -324,9 +321,14 @@ class RequestSpan:
     def end(self, route: str | None, tenant: str | None, exc: BaseException | None = None) -> None:
         """Name the span by its route, record how the request ended, and end it."""
         span = self.span
-        if span.is_recording():
+        lean = type(span) is LeanSpan
+        if span.end_ns == 0 if lean else span.is_recording():  # type: ignore[attr-defined]
             method = self.method
-            span.update_name(f"{method} {route or self.path}")
+            name = f"{method} {route or self.path}"
+            if lean:
+                span.name = name  # type: ignore[attr-defined]
+            else:
+                span.update_name(name)
             status = None
             error_type = None
             if self.failure is not None:  # a 200 whose stream ended in an error event
@@ -335,11 +337,12 @@ class RequestSpan:
                 status = Status(StatusCode.ERROR, error)
             elif self.status >= 500:
                 status = Status(StatusCode.ERROR, f"HTTP {self.status}")
-            record(
-                span,
-                SERVER_KEYS,
-                (method, self.path, self.status, route or None, tenant or None, self.plugin_id, error_type),
-            )
+            path, plugin_id = self.path, self.plugin_id
+            values = (method, path, self.status, route or None, tenant or None, plugin_id, error_type)
+            if lean:
+                span.record(SERVER_KEYS, values)  # type: ignore[attr-defined]
+            else:
+                record(span, SERVER_KEYS, values)
             if isinstance(exc, Exception):  # what the API's span context managers record
                 span.record_exception(exc)
                 if status is None:
