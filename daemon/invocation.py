@@ -33,32 +33,33 @@ _tracer = spans.Tracer(__name__)
 
 FINAL_EVENT_GRACE = 5.0
 # The plugin.session span's attributes: who ran it, then what it relayed (LeanSpan.record).
-SESSION_KEYS = spans.key_set(
-    (
-        "plugin.id",
-        "plugin.instance",
-        "plugin.operation",
-        "plugin.provider",
-        "plugin.session_id",
-        "tenant.id",
-        "validation.design",
-        "plugin.tool",
-        "plugin.messages_in",
-        "plugin.messages_out",
-        "plugin.bytes_in",
-        "plugin.bytes_out",
-        "plugin.decode_seconds",
-        "plugin.encode_seconds",
-        "plugin.outcome",
-        "plugin.time_to_first_message_seconds",
-        "plugin.time_to_first_event_seconds",
-    )
+SESSION_KEY_NAMES = (
+    "plugin.id",
+    "plugin.instance",
+    "plugin.operation",
+    "plugin.provider",
+    "plugin.session_id",
+    "tenant.id",
+    "validation.design",
+    "plugin.tool",
+    "plugin.messages_in",
+    "plugin.messages_out",
+    "plugin.bytes_in",
+    "plugin.bytes_out",
+    "plugin.decode_seconds",
+    "plugin.encode_seconds",
+    "plugin.outcome",
+    "plugin.time_to_first_message_seconds",
+    "plugin.time_to_first_event_seconds",
 )
+SESSION_KEYS = spans.key_set(SESSION_KEY_NAMES)
 _NO_TOOL = object()
 _random_bits = random.Random().getrandbits  # seeded from os.urandom once
 
 
 class Invocation:
+    span_keys: int | tuple[str, ...] = SESSION_KEYS  # the session span's, as _span_attributes orders them
+
     def __init__(
         self,
         instance: PluginInstance,
@@ -116,7 +117,7 @@ class Invocation:
             await self._relay_and_record(send_body, series, span)
 
     def _span_attributes(self, outcome: str, started: float) -> tuple[Any, ...]:
-        """The session span's attribute values, in the order of :data:`SESSION_KEYS`."""
+        """The session span's attribute values, in the order of :attr:`span_keys` (None: not had)."""
         data = self.request["data"]
         session = self.session
         tool = data.get("tool", _NO_TOOL)
@@ -247,7 +248,7 @@ class Invocation:
         )
         if exemplar is None:  # not recording
             return
-        spans.record(span, SESSION_KEYS, self._span_attributes(outcome, started))
+        spans.record(span, self.span_keys, self._span_attributes(outcome, started))
         if outcome not in ("success", "client_gone"):
             span.set_status(Status(StatusCode.ERROR, self.error or self.outcome))
 
