@@ -6,10 +6,11 @@ and the standard propagators work unchanged. What it does not do is run the SDK'
 span machinery per span: measured on a 1-event invocation, the SDK's span objects
 (attribute validation, locks, processors, the span context) were ~88% of the
 +215 µs that tracing at 100% added. A span here is a slotted object holding ids,
-two clock reads and a dict; when it ends it is queued for the trace ring (which packs
-it, in a batch, into one ``bytes``: see :func:`pack`) and, only if an exporter is
-configured, for the exporter as it is. The SDK's
-``BatchSpanProcessor`` takes it from there on its own thread, where
+two clock reads and its attributes (a dict as set one by one, or, as the daemon's own
+call sites record them, a shared key set and a tuple of values: :meth:`LeanSpan.record`);
+when it ends it is queued for the trace ring (which packs it, in a batch, into one
+``bytes``: see :func:`pack`) and, only if an exporter is configured, for the exporter as
+it is. The SDK's ``BatchSpanProcessor`` takes it from there on its own thread, where
 :class:`ConvertingExporter` builds the ``ReadableSpan`` the exporter expects.
 
 Sampling follows ``OTEL_TRACES_SAMPLER``: the configured sampler decides for a span
@@ -447,14 +448,15 @@ class LeanSpan(trace.Span):
         """
         attributes = self.attributes
         keys: int | tuple[str, ...] | None = self.keys
+        values: tuple[Any, ...] | None
         if keys is None:
             attributes = attributes or {}
             values = tuple(attributes.values())
             keys = key_set(tuple(attributes))
-        elif not attributes:
-            values = self.values
+        elif attributes:  # both set and recorded: merged, and bounded, below
+            values = None
         else:
-            values = (None,) * (self._tracer.limits.count + 1)  # both kinds: bounded below
+            values = self.values
         limits = self._tracer.limits
         parent_id = self.parent_id
         fields = [
@@ -470,7 +472,7 @@ class LeanSpan(trace.Span):
             keys,
             values,
         ]
-        if len(values) <= limits.count and _PLAIN_TYPES.issuperset(map(type, values)):
+        if values is not None and len(values) <= limits.count and _PLAIN_TYPES.issuperset(map(type, values)):
             blob = marshal.dumps(fields, 2)  # a list: unpacked as the tuple would be
             if len(blob) <= limits.value_length:
                 return blob
@@ -685,7 +687,7 @@ class LeanTracer(trace.Tracer):
 class LeanTracerProvider(trace.TracerProvider):
     """The daemon's tracer provider: the SDK's sampler, resource and limits, lean spans.
 
-    ``keep`` receives each ended span as a plain tuple (the trace ring); every
+    ``keep`` receives each ended span (the trace ring, which packs it); every
     processor in ``processors`` (the SDK's batch processors) receives the span
     itself, and with it builds its ``ReadableSpan`` off the request path.
     """
