@@ -32,10 +32,34 @@ log = logging.getLogger(__name__)
 _tracer = spans.Tracer(__name__)
 
 FINAL_EVENT_GRACE = 5.0
+# The plugin.session span's attributes: who ran it, then what it relayed (LeanSpan.record).
+SESSION_KEY_NAMES = (
+    "plugin.id",
+    "plugin.instance",
+    "plugin.operation",
+    "plugin.provider",
+    "plugin.session_id",
+    "tenant.id",
+    "validation.design",
+    "plugin.tool",
+    "plugin.messages_in",
+    "plugin.messages_out",
+    "plugin.bytes_in",
+    "plugin.bytes_out",
+    "plugin.decode_seconds",
+    "plugin.encode_seconds",
+    "plugin.outcome",
+    "plugin.time_to_first_message_seconds",
+    "plugin.time_to_first_event_seconds",
+)
+SESSION_KEYS = spans.key_set(SESSION_KEY_NAMES)
+_NO_TOOL = object()
 _random_bits = random.Random().getrandbits  # seeded from os.urandom once
 
 
 class Invocation:
+    span_keys: int | tuple[str, ...] = SESSION_KEYS  # the session span's, as _span_attributes orders them
+
     def __init__(
         self,
         instance: PluginInstance,
@@ -84,27 +108,39 @@ class Invocation:
             await self._relay_and_record(send_body, series, INVALID_SPAN)
             return
         # Not made current: what runs under it (validation, backwards calls) is given its parent.
-        # Ended by the ``with``, which records an exception that escapes the relay.
-        with _tracer.start_span("plugin.session", attributes=self._span_attributes()) as span:
+        # Ended by the ``with``, which records an exception that escapes the relay; its
+        # attributes are recorded once, as the session ends (_record).
+        with _tracer.start_span("plugin.session") as span:
             self.session.attach_trace(spans.in_context(span))
             # Hand the trace to the plugin, so an instrumented plugin can continue it.
             spans.inject(self.request["context"], span)
             await self._relay_and_record(send_body, series, span)
 
-    def _span_attributes(self) -> dict[str, Any]:
+    def _span_attributes(self, outcome: str, started: float) -> tuple[Any, ...]:
+        """The session span's attribute values, in the order of :attr:`span_keys` (None: not had)."""
         data = self.request["data"]
-        attributes = {
-            "plugin.id": self.instance.spec.id,
-            "plugin.instance": self.instance.index,
-            "plugin.operation": self.operation,
-            "plugin.provider": str(data.get("provider")),
-            "plugin.session_id": self.session.id,
-            "tenant.id": self.session.tenant_id,
-            "validation.design": self.design if self.session.variables is not None else self._unvalidated(),
-        }
-        if "tool" in data:
-            attributes["plugin.tool"] = str(data["tool"])
-        return attributes
+        session = self.session
+        tool = data.get("tool", _NO_TOOL)
+        first_message, first_event = session.first_message_at, self.first_event_at
+        return (
+            self.instance.spec.id,
+            self.instance.index,
+            self.operation,
+            str(data.get("provider")),
+            session.id,
+            session.tenant_id,
+            self.design if session.variables is not None else self._unvalidated(),
+            None if tool is _NO_TOOL else str(tool),
+            session.stream.received_items,
+            self.messages_out,
+            session.bytes_in,
+            self.bytes_out,
+            session.decode_seconds,
+            self.encode_seconds,
+            outcome,
+            None if first_message is None else first_message - started,
+            None if first_event is None else first_event - started,
+        )
 
     def _unvalidated(self) -> str:
         """Why this session has nothing to validate: the daemon's design, or a tool without schema."""
@@ -212,20 +248,7 @@ class Invocation:
         )
         if exemplar is None:  # not recording
             return
-        attributes = {
-            "plugin.messages_in": session.stream.received_items,
-            "plugin.messages_out": self.messages_out,
-            "plugin.bytes_in": session.bytes_in,
-            "plugin.bytes_out": self.bytes_out,
-            "plugin.decode_seconds": session.decode_seconds,
-            "plugin.encode_seconds": self.encode_seconds,
-            "plugin.outcome": outcome,
-        }
-        if session.first_message_at is not None:
-            attributes["plugin.time_to_first_message_seconds"] = session.first_message_at - started
-        if self.first_event_at is not None:
-            attributes["plugin.time_to_first_event_seconds"] = self.first_event_at - started
-        span.set_attributes(attributes)
+        spans.record(span, self.span_keys, self._span_attributes(outcome, started))
         if outcome not in ("success", "client_gone"):
             span.set_status(Status(StatusCode.ERROR, self.error or self.outcome))
 

@@ -6,10 +6,11 @@ and the standard propagators work unchanged. What it does not do is run the SDK'
 span machinery per span: measured on a 1-event invocation, the SDK's span objects
 (attribute validation, locks, processors, the span context) were ~88% of the
 +215 µs that tracing at 100% added. A span here is a slotted object holding ids,
-two clock reads and a dict; when it ends it is queued for the trace ring (which packs
-it, in a batch, into one ``bytes``: see :func:`pack`) and, only if an exporter is
-configured, for the exporter as it is. The SDK's
-``BatchSpanProcessor`` takes it from there on its own thread, where
+two clock reads and its attributes (a dict as set one by one, or, as the daemon's own
+call sites record them, a shared key set and a tuple of values: :meth:`LeanSpan.record`);
+when it ends it is queued for the trace ring (which packs it, in a batch, into one
+``bytes``: see :func:`pack`) and, only if an exporter is configured, for the exporter as
+it is. The SDK's ``BatchSpanProcessor`` takes it from there on its own thread, where
 :class:`ConvertingExporter` builds the ``ReadableSpan`` the exporter expects.
 
 Sampling follows ``OTEL_TRACES_SAMPLER``: the configured sampler decides for a span
@@ -68,6 +69,10 @@ _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _UNSET = Status(StatusCode.UNSET)
 _getrandbits = random.getrandbits
 _now = time.time_ns
+# Attribute values the ring keeps as they are; None marks an attribute a key set names but
+# the span did not have (see LeanSpan.record), dropped when the span is shown or exported.
+_PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
+_set_item = dict.__setitem__  # a Context refuses item assignment; a new one is filled this way
 
 # What the trace ring keeps of a span: one ``bytes`` object (marshal's encoding of its
 # fields), because a kept span is freed long after it was made. Twenty thousand spans
@@ -93,13 +98,15 @@ def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
     return _KEY_INDEX.setdefault(keys, len(_KEY_SETS) - 1)
 
 
-def pack(fields: tuple[Any, ...]) -> bytes:
+def pack(fields: Sequence[Any]) -> bytes:
     """A kept span's fields as one ``bytes``; values of other types than marshal's are
-    written as text (a lean span's values are already plain, an SDK span's may not be)."""
+    written as text (a lean span's values are already plain, an SDK span's may not be).
+    Version 2 of marshal's format: without the back-references of later versions, whose
+    table of seen objects cost more to build than a span's few repeated values save."""
     try:
-        return marshal.dumps(fields)
+        return marshal.dumps(fields, 2)
     except ValueError:
-        return marshal.dumps(_plainly(fields))
+        return marshal.dumps(_plainly(fields), 2)
 
 
 def _plainly(value: Any) -> Any:
@@ -111,12 +118,17 @@ def _plainly(value: Any) -> Any:
     return None if value is None else str(value)
 
 
+def key_names(keys: int | tuple[str, ...]) -> tuple[str, ...]:
+    """The attribute keys :func:`key_set` stands for."""
+    return _KEY_SETS[keys] if type(keys) is int else keys
+
+
 def unpack(blob: bytes) -> tuple[Any, ...]:
     """The fields :meth:`LeanSpan.plain` packed, with the attributes as ``(key, value)`` pairs
     sorted by key."""
     *fields, keys, values = marshal.loads(blob)
-    names = _KEY_SETS[keys] if type(keys) is int else keys
-    return (*fields, tuple(sorted(zip(names, values, strict=True))))
+    pairs = zip(key_names(keys), values, strict=True)
+    return (*fields, tuple(sorted(pair for pair in pairs if pair[1] is not None)))
 
 
 # What a recorded span is handed to when it ends: the trace ring, which packs it (see pack).
@@ -139,9 +151,9 @@ def attach(span: trace.Span) -> object:
     returns the token for :func:`detach`."""
     if _CURRENT is None:
         return context_api.attach(trace.set_span_in_context(span))
-    values = dict(_CURRENT.get())
-    values[_SPAN_KEY] = span
-    return _CURRENT.set(context_api.Context(values))
+    context = context_api.Context(_CURRENT.get())
+    _set_item(context, _SPAN_KEY, span)
+    return _CURRENT.set(context)
 
 
 def detach(token: Any) -> None:
@@ -158,9 +170,9 @@ def detach(token: Any) -> None:
 
 def in_context(span: trace.Span) -> context_api.Context:
     """A context holding ``span`` as its current span, as ``trace.set_span_in_context``."""
-    values = dict(current_context())
-    values[_SPAN_KEY] = span
-    return context_api.Context(values)
+    context = context_api.Context(current_context())
+    _set_item(context, _SPAN_KEY, span)
+    return context
 
 
 # Decides for a trace's local root from its parent's span context (invalid when there is none).
@@ -241,6 +253,7 @@ class LeanSpan(trace.Span):
         "attributes",
         "end_ns",
         "events",
+        "keys",
         "kind",
         "name",
         "parent_id",
@@ -251,6 +264,7 @@ class LeanSpan(trace.Span):
         "status_description",
         "trace_id",
         "trace_state",
+        "values",
     )
 
     def __init__(
@@ -275,7 +289,9 @@ class LeanSpan(trace.Span):
         self.kind = kind
         self.start_ns = start_ns or _now()
         self.end_ns = 0
-        self.attributes: dict[str, Any] = dict(attributes) if attributes else {}  # as set: see set_attributes
+        self.attributes: dict[str, Any] | None = dict(attributes) if attributes else None  # as set
+        self.keys: int | tuple[str, ...] | None = None  # and as recorded: see record
+        self.values: tuple[Any, ...] = ()
         self._bounded: dict[str, Any] | None = None
         self._hex: str | None = None
         self.status_code = StatusCode.UNSET
@@ -304,11 +320,38 @@ class LeanSpan(trace.Span):
         return self._hex
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        self.attributes[key] = value  # bounded later, as set_attributes
+        if self.attributes is None:  # bounded later, as set_attributes
+            self.attributes = {key: value}
+        else:
+            self.attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         """Taken as given; bounded once the span has ended (:meth:`bounded_attributes`)."""
-        self.attributes.update(attributes)
+        if self.attributes is None:
+            self.attributes = dict(attributes)
+        else:
+            self.attributes.update(attributes)
+
+    def record(self, keys: int | tuple[str, ...], values: tuple[Any, ...]) -> None:
+        """Attributes as a key set (:func:`key_set`, made once per call site) and a tuple of
+        values, None for an attribute the span does not have: how the daemon's own call
+        sites set a span's attributes, once, without building a dict per request. They
+        become ``(key, value)`` pairs when the span is shown or exported; attributes set
+        one by one take precedence over them."""
+        if self.keys is not None:  # recorded before: keep those as attributes set one by one
+            self.attributes = self.all_attributes()
+        self.keys = keys
+        self.values = values
+
+    def all_attributes(self) -> dict[str, Any]:
+        """The attributes as set and as recorded, unbounded."""
+        attributes = self.attributes or {}
+        if self.keys is None:
+            return attributes
+        pairs = zip(key_names(self.keys), self.values, strict=True)
+        merged = {key: value for key, value in pairs if value is not None}
+        merged.update(attributes)
+        return merged
 
     def bounded_attributes(self) -> dict[str, Any]:
         """The attributes within the limits: strings cut to the value length, invalid values
@@ -319,7 +362,7 @@ class LeanSpan(trace.Span):
         limits = self._tracer.limits
         length, count = limits.value_length, limits.count
         kept: dict[str, Any] = {}
-        for key, value in self.attributes.items():
+        for key, value in self.all_attributes().items():
             kind = type(value)
             if kind is str:
                 if len(value) > length:
@@ -376,11 +419,8 @@ class LeanSpan(trace.Span):
         if self.end_ns:
             return
         self.end_ns = end_time or _now()
-        provider = self._tracer.provider
-        if provider.keep is not None:
-            provider.keep(self)
-        for processor in provider.processors:
-            processor.on_end(self)  # type: ignore[arg-type]
+        for ended in self._tracer.ended:
+            ended(self)
 
     def __enter__(self) -> LeanSpan:
         return self
@@ -398,23 +438,47 @@ class LeanSpan(trace.Span):
 
     def plain(self) -> bytes:
         """What the trace ring keeps of this span (see :func:`pack`); formatting (the trace
-        id in hex, attributes sorted) waits until the trace page asks."""
+        id in hex, attributes sorted) waits until the trace page asks.
+
+        Bounding the attributes one by one (:meth:`bounded_attributes`) was a third of what
+        keeping a span cost. Usually nothing needs it: when every value is a plain string
+        or number and the whole encoding is no longer than the value limit, no string in it
+        can be longer either; only otherwise (or when the span has attributes both set and
+        recorded) are the attributes bounded and packed again.
+        """
+        attributes = self.attributes
+        keys: int | tuple[str, ...] | None = self.keys
+        values: tuple[Any, ...] | None
+        if keys is None:
+            attributes = attributes or {}
+            values = tuple(attributes.values())
+            keys = key_set(tuple(attributes))
+        elif attributes:  # both set and recorded: merged, and bounded, below
+            values = None
+        else:
+            values = self.values
+        limits = self._tracer.limits
+        parent_id = self.parent_id
+        fields = [
+            self.name,
+            self.trace_id,
+            self.span_id,
+            parent_id,
+            parent_id is None or self.parent_remote,
+            self.start_ns,
+            self.end_ns,
+            self.status_code is StatusCode.ERROR,
+            self.status_description,
+            keys,
+            values,
+        ]
+        if values is not None and len(values) <= limits.count and _PLAIN_TYPES.issuperset(map(type, values)):
+            blob = marshal.dumps(fields, 2)  # a list: unpacked as the tuple would be
+            if len(blob) <= limits.value_length:
+                return blob
         attributes = self.bounded_attributes()
-        return pack(
-            (
-                self.name,
-                self.trace_id,
-                self.span_id,
-                self.parent_id,
-                self.parent_id is None or self.parent_remote,
-                self.start_ns,
-                self.end_ns,
-                self.status_code is StatusCode.ERROR,
-                self.status_description,
-                key_set(tuple(attributes)),
-                tuple(attributes.values()),
-            )
-        )
+        fields[-2:] = key_set(tuple(attributes)), tuple(attributes.values())
+        return pack(fields)
 
     def readable(self) -> ReadableSpan:
         """The SDK's span for an exporter; built on the batch processor's thread."""
@@ -438,6 +502,15 @@ class LeanSpan(trace.Span):
             end_time=self.end_ns,
             instrumentation_scope=self._tracer.scope,
         )
+
+
+def record(span: trace.Span, keys: int | tuple[str, ...], values: tuple[Any, ...]) -> None:
+    """:meth:`LeanSpan.record` on a lean span; on another, its ``set_attributes`` with the values
+    that are not None."""
+    if type(span) is LeanSpan:
+        span.record(keys, values)
+    else:
+        span.set_attributes({k: v for k, v in zip(key_names(keys), values, strict=True) if v is not None})
 
 
 class _Current:
@@ -537,6 +610,7 @@ class LeanTracer(trace.Tracer):
         self.provider = provider
         self.scope = scope
         self.limits = provider.limits
+        self.ended = provider.ended
 
     def start_span(
         self,
@@ -613,7 +687,7 @@ class LeanTracer(trace.Tracer):
 class LeanTracerProvider(trace.TracerProvider):
     """The daemon's tracer provider: the SDK's sampler, resource and limits, lean spans.
 
-    ``keep`` receives each ended span as a plain tuple (the trace ring); every
+    ``keep`` receives each ended span (the trace ring, which packs it); every
     processor in ``processors`` (the SDK's batch processors) receives the span
     itself, and with it builds its ``ReadableSpan`` off the request path.
     """
@@ -633,6 +707,11 @@ class LeanTracerProvider(trace.TracerProvider):
         self.default_propagators = _default_propagators()
         self.processors = list(processors)
         self.keep = keep
+        # What an ended span is handed to: the ring, then each processor.
+        self.ended: tuple[Callable[[LeanSpan], None], ...] = (
+            *(() if keep is None else (keep,)),
+            *(processor.on_end for processor in self.processors),  # type: ignore[misc]
+        )
         self._tracers: dict[str, LeanTracer] = {}
         self._lock = threading.Lock()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import marshal
 import os
 import threading
 from collections import deque
@@ -40,6 +41,7 @@ from daemon.spans import (
     detach,
     key_set,
     pack,
+    record,
     unpack,
 )
 
@@ -95,31 +97,37 @@ def _kept(blob: bytes) -> KeptSpan:
     return KeptSpan(name, format(trace_id, "032x"), *rest)
 
 
-# What a kept span costs the ring beyond its encoding: the bytes object and its deque slot.
-ENTRY_OVERHEAD = 48
+# What an entry costs the ring beyond its encoding: the bytes object and its deque slots.
+ENTRY_OVERHEAD = 64
 BATCH = 64  # ended spans packed into the ring at a time
+ENTRY_SHARE = 16  # an entry holds at most about 1/16 of the ring's byte budget
 
 
 class SpanRing(SpanProcessor):
     """The most recent ended spans, bounded in count and in bytes; read by the trace page.
 
-    Each span is one ``bytes`` object (:func:`daemon.spans.pack`), which the cyclic
-    garbage collector never walks and which is one block to free when the span leaves
-    the ring. A ``ReadableSpan`` is eleven objects the collector must walk; twenty
-    thousand of them alive made the daemon's full collections long: with tracing on,
-    time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms (bench/REPORT.md).
+    Spans are packed a batch at a time (:data:`BATCH`), each into one ``bytes``
+    (:func:`daemon.spans.pack`), and a batch's spans into one entry: a ``bytes`` the
+    cyclic garbage collector never walks and which is one block to free when its
+    spans leave the ring. A ``ReadableSpan`` is eleven objects the collector must walk;
+    twenty thousand of them alive made the daemon's full collections long: with tracing
+    on, time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms (bench/REPORT.md).
     Tuples of numbers and strings, which the collector stops tracking, still cost more
-    to free, cold, than the span cost to record. The byte bound (the encoded size)
-    keeps a ring of spans with long attribute values, each already truncated, from
-    growing without limit.
+    to free, cold, than the span cost to record; so did a ``bytes`` per span. The count
+    bound is exact as the trace page sees it (older spans of the oldest entry are not
+    shown); the byte bound (the encoded size) drops whole entries, which are kept small
+    against it (:data:`ENTRY_SHARE`), and keeps a ring of spans with long attribute
+    values, each already truncated, from growing without limit.
     """
 
     def __init__(self, capacity: int, max_bytes: int = DEFAULT_RING_BYTES) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._spans: deque[bytes] = deque()
-        self._pending: deque[LeanSpan] = deque()
+        self.kept = 0  # spans in the entries
+        self._entries: deque[bytes] = deque()
+        self._counts: deque[int] = deque()  # spans per entry
+        self._pending: deque[LeanSpan | bytes] = deque()
         self._lock = threading.Lock()
 
     def keep(self, span: LeanSpan) -> None:
@@ -136,34 +144,48 @@ class SpanRing(SpanProcessor):
 
     def _drain(self) -> None:
         pending = self._pending
+        share = self.max_bytes // ENTRY_SHARE
         with self._lock:
+            blobs: list[bytes] = []
+            size = 0
             while pending:
                 try:
-                    blob = pending.popleft().plain()
+                    span = pending.popleft()
                 except IndexError:  # drained by another thread meanwhile (it holds no lock to append)
                     break
-                self._keep_packed(blob)
+                blob = span if type(span) is bytes else span.plain()  # type: ignore[union-attr]
+                blobs.append(blob)
+                size += len(blob)
+                if size >= share:
+                    self._keep_entry(blobs)
+                    blobs, size = [], 0
+            if blobs:
+                self._keep_entry(blobs)
 
-    def _keep_packed(self, blob: bytes) -> None:
-        spans = self._spans
-        spans.append(blob)
-        self.bytes += len(blob) + ENTRY_OVERHEAD
-        if len(spans) > self.capacity:
-            self.bytes -= len(spans.popleft()) + ENTRY_OVERHEAD
-        while self.bytes > self.max_bytes and len(spans) > 1:
-            self.bytes -= len(spans.popleft()) + ENTRY_OVERHEAD
+    def _keep_entry(self, blobs: list[bytes]) -> None:
+        entry = marshal.dumps(tuple(blobs), 2)
+        entries, counts = self._entries, self._counts
+        entries.append(entry)
+        counts.append(len(blobs))
+        self.kept += len(blobs)
+        self.bytes += len(entry) + ENTRY_OVERHEAD
+        while self.kept - counts[0] >= self.capacity or (self.bytes > self.max_bytes and len(entries) > 1):
+            self.kept -= counts.popleft()
+            self.bytes -= len(entries.popleft()) + ENTRY_OVERHEAD
 
     def on_end(self, span: ReadableSpan) -> None:
         """A span the SDK made (when the SDK's provider is used instead of the lean one)."""
-        blob = _plain(span)
-        with self._lock:
-            self._keep_packed(blob)
+        self._pending.append(_plain(span))
+        if len(self._pending) >= BATCH:
+            self._drain()
 
     def snapshot(self) -> list[KeptSpan]:
         self._drain()
         with self._lock:
-            kept = list(self._spans)
-        return [_kept(fields) for fields in kept]
+            entries = list(self._entries)
+            hidden = self.kept - self.capacity  # the oldest entry's spans beyond the count
+        blobs = [blob for entry in entries for blob in marshal.loads(entry)]
+        return [_kept(blob) for blob in blobs[max(hidden, 0) :]]
 
     def shutdown(self) -> None:
         pass
@@ -214,10 +236,7 @@ class Tracing:
     def __init__(self, provider: LeanTracerProvider | None, ring: SpanRing | None) -> None:
         self.provider = provider
         self.ring = ring
-
-    @property
-    def enabled(self) -> bool:
-        return self.provider is not None
+        self.enabled = provider is not None  # read per invocation: an attribute, not a property
 
     def shutdown(self) -> None:
         if self.provider is not None:
@@ -261,6 +280,20 @@ def _stream_error(event: bytes) -> str:
         return "the stream ended with an error event"
 
 
+# A server span's attributes (LeanSpan.record): the request, how it was routed and how it ended.
+SERVER_KEYS = key_set(
+    (
+        "http.request.method",
+        "url.path",
+        "http.response.status_code",
+        "http.route",
+        "tenant.id",
+        "plugin.id",
+        "error.type",
+    )
+)
+
+
 class RequestSpan:
     """One HTTP request's server span, made current in the request's task until :meth:`end`.
 
@@ -288,28 +321,28 @@ class RequestSpan:
     def end(self, route: str | None, tenant: str | None, exc: BaseException | None = None) -> None:
         """Name the span by its route, record how the request ended, and end it."""
         span = self.span
-        if span.is_recording():
+        lean = type(span) is LeanSpan
+        if span.end_ns == 0 if lean else span.is_recording():  # type: ignore[attr-defined]
             method = self.method
-            span.update_name(f"{method} {route or self.path}")
-            attributes: dict[str, Any] = {
-                "http.request.method": method,
-                "url.path": self.path,
-                "http.response.status_code": self.status,
-            }
-            if route:
-                attributes["http.route"] = route
-            if tenant:
-                attributes["tenant.id"] = tenant
-            if self.plugin_id is not None:
-                attributes["plugin.id"] = self.plugin_id
+            name = f"{method} {route or self.path}"
+            if lean:
+                span.name = name  # type: ignore[attr-defined]
+            else:
+                span.update_name(name)
             status = None
+            error_type = None
             if self.failure is not None:  # a 200 whose stream ended in an error event
                 error = _stream_error(self.failure)
-                attributes["error.type"] = error.partition(":")[0]
+                error_type = error.partition(":")[0]
                 status = Status(StatusCode.ERROR, error)
             elif self.status >= 500:
                 status = Status(StatusCode.ERROR, f"HTTP {self.status}")
-            span.set_attributes(attributes)
+            path, plugin_id = self.path, self.plugin_id
+            values = (method, path, self.status, route or None, tenant or None, plugin_id, error_type)
+            if lean:
+                span.record(SERVER_KEYS, values)  # type: ignore[attr-defined]
+            else:
+                record(span, SERVER_KEYS, values)
             if isinstance(exc, Exception):  # what the API's span context managers record
                 span.record_exception(exc)
                 if status is None:
@@ -335,18 +368,15 @@ class ServerSpans:
         return path not in self.untraced and not path.startswith("/debug/")
 
     def begin(self, method: str, path: str, headers: Iterable[tuple[bytes, bytes]]) -> RequestSpan:
-        carrier: dict[str, str] = {}
-        plugin_id = None
-        fields = self.fields
-        for key, value in headers:
-            if key in fields:
-                carrier[key.decode("latin-1")] = value.decode("latin-1")
-            elif key == b"x-plugin-id":
-                plugin_id = value.decode("latin-1")
-        span = self.tracer.start_span(
-            f"{method} {path}", propagate.extract(carrier) if carrier else None, kind=SpanKind.SERVER
-        )
-        return RequestSpan(span, method, path, plugin_id)
+        found = dict(headers)  # the last of a repeated header, as the propagators take it
+        context = None
+        if not self.fields.isdisjoint(found):
+            present = self.fields & found.keys()
+            carrier = {name.decode("latin-1"): found[name].decode("latin-1") for name in present}
+            context = propagate.extract(carrier)
+        span = self.tracer.start_span(f"{method} {path}", context, kind=SpanKind.SERVER)
+        plugin_id = found.get(b"x-plugin-id")
+        return RequestSpan(span, method, path, None if plugin_id is None else plugin_id.decode("latin-1"))
 
 
 class TracingMiddleware:

@@ -46,6 +46,10 @@ from daemon import metrics, spans
 from daemon.config import ValidatorBackend, ValidatorDesign
 
 _tracer = spans.Tracer(__name__)  # not the API's proxy: see daemon/spans.py
+# The output.validate span's attributes (LeanSpan.record); the error only when it failed.
+_SPAN_KEYS = spans.key_set(
+    ("validation.design", "validation.variables", "validation.verdict", "validation.error")
+)
 
 
 class SchemaDeclarationError(ValueError):
@@ -333,16 +337,9 @@ class OutputVariables:
             return
         with _tracer.start_span("output.validate", context=self.trace_context) as span:
             count = self._check()
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "validation.design": self.design.value,
-                        "validation.variables": count,
-                        "validation.verdict": "pass" if self.verdict is None else "fail",
-                    }
-                )
-                if self.verdict is not None:
-                    span.set_attribute("validation.error", self.verdict)
+            verdict = self.verdict  # the enum's value read as stored: ``.value`` is a Python-level property
+            outcome = (self.design._value_, count, "pass" if verdict is None else "fail", verdict)
+            spans.record(span, _SPAN_KEYS, outcome)
 
     def _check(self) -> int:
         """Validate the variables as they are now; returns how many there were."""

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from daemon.spans import LeanSpan, LeanTracerProvider, fixed_decision
+from daemon.spans import LeanSpan, LeanTracerProvider, fixed_decision, key_set, record
 from daemon.tracing import BATCH, ServerSpans, SpanRing
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
@@ -173,3 +173,55 @@ def test_a_server_span_is_current_until_it_ends_then_the_context_is_as_before() 
     assert server.name == "POST /plugin/{tenant_id}/dispatch/tool/invoke"
     assert server.parent_id == CALLER_SPAN and server.is_root
     assert dict(server.attributes)["plugin.id"] == "a/b"
+
+
+def test_values_each_within_the_limit_are_kept_whole_however_long_together() -> None:
+    """The ring skips bounding a span whose whole encoding is within the value limit; a span
+    whose values are only long together is bounded value by value, and keeps every one."""
+    ring = SpanRing(100)
+    provider = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep)
+    limit = provider.limits.value_length
+    values = {f"k{i}": str(i) * (limit // 2) for i in range(1, 5)}
+    values |= {"at": "y" * limit, "over": "z" * (limit + 1)}
+    provider.get_tracer("test").start_span("long together", attributes=values).end()
+    (kept,) = ring.snapshot()
+    assert dict(kept.attributes) == values | {"over": "z" * limit}
+
+
+def test_recorded_attributes_are_shown_and_exported_without_the_ones_not_had() -> None:
+    """``record``: a key set and a value per key, None for an attribute the span does not have;
+    attributes set one by one win over recorded ones, and a second record keeps the first."""
+    ring = SpanRing(100)
+    provider = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep)
+    keys = key_set(("a", "b", "c"))
+    span = provider.get_tracer("test").start_span("recorded")
+    assert isinstance(span, LeanSpan)
+    span.record(keys, ("x", None, 3))
+    span.end()
+    (kept,) = ring.snapshot()
+    assert kept.attributes == (("a", "x"), ("c", 3))
+    assert span.readable().attributes == {"a": "x", "c": 3}
+
+    both = provider.get_tracer("test").start_span("both", attributes={"c": "set"})
+    assert isinstance(both, LeanSpan)
+    both.record(keys, ("x", 2, 3))
+    both.record(key_set(("d",)), (4,))
+    both.end()
+    expected = {"a": "x", "b": 2, "c": "set", "d": 4}
+    assert dict(ring.snapshot()[-1].attributes) == expected and both.readable().attributes == expected
+
+    sdk = TracerProvider(sampler=ALWAYS_ON).get_tracer("test").start_span("sdk")
+    record(sdk, keys, ("x", None, 3))  # on another span: set_attributes, without the Nones
+    assert dict(sdk.attributes or {}) == {"a": "x", "c": 3}
+
+
+def test_the_ring_shows_exactly_its_capacity_of_the_newest_spans() -> None:
+    """Spans are kept a batch to an entry; the page still sees the newest ``capacity``, in order."""
+    ring = SpanRing(100)
+    tracer = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep).get_tracer("test")
+    ended = BATCH * 7 + 5
+    for i in range(ended):
+        tracer.start_span("n", attributes={"i": i}).end()
+        if i in (10, BATCH * 3):  # a snapshot drains a partial batch into an entry of its own
+            assert [dict(s.attributes)["i"] for s in ring.snapshot()][-1] == i
+    assert [dict(s.attributes)["i"] for s in ring.snapshot()] == list(range(ended - 100, ended))

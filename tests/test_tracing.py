@@ -26,8 +26,10 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Status, StatusCode
 
 from daemon.spans import DEFAULT_VALUE_LENGTH, LeanTracerProvider
-from daemon.testing import Daemon
+from daemon.testing import Daemon, copy_plugin
 from daemon.tracing import SpanRing
+from tests.test_endpoints import PLUGIN as ENDPOINTS
+from tests.test_endpoints import hook, setup
 from tests.test_runtime import FP, wait_for
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -143,6 +145,8 @@ def test_spans_reach_a_collector_with_names_parentage_and_attributes(
     assert attrs["plugin.decode_seconds"] > 0 and attrs["plugin.encode_seconds"] > 0
     assert attrs["plugin.outcome"] == "success" or validator == "lock"
     assert "plugin.time_to_first_event_seconds" in attrs
+    assert attrs["plugin.provider"] == "fastproto" and attrs["tenant.id"] == "t1"
+    assert attrs["plugin.instance"] == 0 and len(attrs["plugin.session_id"]) == 32
 
     (validate,) = receiver.named("output.validate")  # exactly once, under the session span
     assert validate["parent"] == session["span_id"]
@@ -150,6 +154,7 @@ def test_spans_reach_a_collector_with_names_parentage_and_attributes(
     if validator == "owner":
         assert validate["attributes"]["validation.verdict"] == "pass"
         assert validate["attributes"]["validation.variables"] == 5
+        assert "validation.error" not in validate["attributes"]  # recorded as None: not exported
 
     backwards = receiver.named("plugin.backwards")
     assert [b["attributes"]["backwards.operation"] for b in backwards] == ["set", "get"]
@@ -320,3 +325,21 @@ def test_the_ring_is_bounded_in_bytes_and_long_values_are_truncated() -> None:
         with sdk.get_tracer("test").start_as_current_span("big", attributes={"text": "x" * 100_000}):
             pass
     assert 1 <= len(sdk_ring.snapshot()) <= 10 and sdk_ring.bytes <= 1_000_000
+
+
+def test_an_endpoint_session_span_names_its_endpoint_not_a_provider(
+    receiver: Receiver, start: Callable[..., Daemon], sdk_plugins_installed: Path, tmp_path: Path
+) -> None:
+    plugins = tmp_path / "endpoint-plugins"
+    plugins.mkdir()
+    copy_plugin("echo_endpoints", plugins)
+    daemon = start(plugins, otel_exporter_otlp_endpoint=receiver.url, otel_bsp_schedule_delay=50)
+    daemon.wait_ready(ENDPOINTS)
+    with httpx.Client(timeout=60) as client:
+        endpoint = setup(daemon, client, "t1", "traced", {"greeting": "hi", "api_key": "sk-0123456789"})
+        assert client.get(hook(daemon, endpoint, "/echo")).status_code == 200
+    wait_for(lambda: receiver.named("plugin.session"))
+    (session,) = receiver.named("plugin.session")
+    attrs = session["attributes"]
+    assert attrs["endpoint.id"] == endpoint.id and "plugin.provider" not in attrs
+    assert attrs["plugin.id"] == ENDPOINTS and attrs["plugin.outcome"] == "success"

@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daemon import management
+from daemon import management, spans
 from daemon.endpoints import rawhttp
 from daemon.endpoints.store import HOOK_ALPHABET, HOOK_LENGTH, Endpoints
 from daemon.errors import (
@@ -44,7 +44,7 @@ from daemon.errors import (
     envelope,
     stream_error,
 )
-from daemon.invocation import Invocation, new_session
+from daemon.invocation import SESSION_KEY_NAMES, Invocation, new_session
 from daemon.runtime import PluginUnavailable
 from daemon.state import DatabaseError
 from daemon.wire import tool_request
@@ -153,6 +153,13 @@ async def invoke(request: Request) -> Response | ASGIApp:
     return daemon.drain.guard(session, relay.http_response())
 
 
+# An endpoint's session span names no provider (its hook id stays out) but the endpoint's id.
+_PROVIDER = SESSION_KEY_NAMES.index("plugin.provider")
+_SPAN_KEYS = spans.key_set(
+    (*SESSION_KEY_NAMES[:_PROVIDER], "endpoint.id", *SESSION_KEY_NAMES[_PROVIDER + 1 :])
+)
+
+
 class EndpointInvocation(Invocation):
     """An ``invoke_endpoint`` session relayed as the plugin's own HTTP response."""
 
@@ -163,11 +170,11 @@ class EndpointInvocation(Invocation):
         self.head: Message | None = None  # decided: sent with the next body message
         self.head_sent = False
 
-    def _span_attributes(self) -> dict[str, Any]:
-        attributes = super()._span_attributes()
-        attributes.pop("plugin.provider", None)  # an endpoint names none; its hook id stays out
-        attributes["endpoint.id"] = str(self.request["endpoint_id"])
-        return attributes
+    span_keys = _SPAN_KEYS
+
+    def _span_attributes(self, outcome: str, started: float) -> tuple[Any, ...]:
+        values = super()._span_attributes(outcome, started)
+        return (*values[:_PROVIDER], str(self.request["endpoint_id"]), *values[_PROVIDER + 1 :])
 
     def http_response(self) -> ASGIApp:
         """The session's stream response, its head replaced by the plugin's status and headers."""
