@@ -294,6 +294,14 @@ SERVER_KEYS = key_set(
 )
 
 
+def _without_hook_id(path: str) -> str:
+    """``path`` as a span may show it: an endpoint's hook id is its credential (``/e/{hook_id}``)."""
+    if not path.startswith("/e/"):
+        return path
+    _, slash, rest = path[3:].partition("/")
+    return "/e/{hook_id}" + slash + rest
+
+
 class RequestSpan:
     """One HTTP request's server span, made current in the request's task until :meth:`end`.
 
@@ -324,7 +332,8 @@ class RequestSpan:
         lean = type(span) is LeanSpan
         if span.end_ns == 0 if lean else span.is_recording():  # type: ignore[attr-defined]
             method = self.method
-            name = f"{method} {route or self.path}"
+            path = _without_hook_id(self.path)
+            name = f"{method} {route or path}"
             if lean:
                 span.name = name  # type: ignore[attr-defined]
             else:
@@ -337,7 +346,7 @@ class RequestSpan:
                 status = Status(StatusCode.ERROR, error)
             elif self.status >= 500:
                 status = Status(StatusCode.ERROR, f"HTTP {self.status}")
-            path, plugin_id = self.path, self.plugin_id
+            plugin_id = self.plugin_id
             values = (method, path, self.status, route or None, tenant or None, plugin_id, error_type)
             if lean:
                 span.record(SERVER_KEYS, values)  # type: ignore[attr-defined]

@@ -343,3 +343,14 @@ def test_an_endpoint_session_span_names_its_endpoint_not_a_provider(
     attrs = session["attributes"]
     assert attrs["endpoint.id"] == endpoint.id and "plugin.provider" not in attrs
     assert attrs["plugin.id"] == ENDPOINTS and attrs["plugin.outcome"] == "success"
+    # The hook id is the endpoint's credential: no span exported or shown carries it.
+    (server,) = [s for s in receiver.spans if s["name"].startswith("GET /e/")]
+    assert server["name"] == "GET /e/{hook_id}/{path:path}"
+    assert server["attributes"]["url.path"] == "/e/{hook_id}/echo"
+    assert not [s for s in receiver.spans if endpoint.hook_id in repr(s)]
+    page = httpx.get(f"{daemon.url}/debug/traces?trace={server['trace_id']}", timeout=30)
+    assert page.status_code == 200 and "/e/{hook_id}/echo" in page.text
+    assert (
+        endpoint.hook_id not in page.text
+        and endpoint.hook_id not in httpx.get(f"{daemon.url}/debug/traces").text
+    )
