@@ -42,7 +42,7 @@ from daemon.runtime.backwards import BackwardsServices
 from daemon.shutdown import Drain
 from daemon.state import Database, DatabaseError, PluginStorage
 from daemon.state.storage import import_legacy
-from daemon.tracing import ServerSpans, Tracing, TracingMiddleware, setup_tracing
+from daemon.tracing import ServerSpans, Tracing, TracingMiddleware, public_path, setup_tracing
 from daemon.wire import get_codec, tool_request
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _database_error(request: Request, exc: Exception) -> Response:
     """A management route whose database is away (unreachable, or SQLite locked past its busy
     timeout): upstream's internal-error envelope, not a bare 500 and a traceback."""
-    log.error("%s %s: %s", request.method, request.url.path, exc)
+    log.error("%s %s: %s", request.method, public_path(request.url.path), exc)
     return _error(BadRequest(500, "the database is unavailable, try again"))
 
 

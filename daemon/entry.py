@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon.dispatch import BadRequest
+from daemon.tracing import public_path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class DaemonApp(Starlette):
             await app(scope, receive, send)
         except Exception:
             # What Starlette's error middleware does: log, and answer 500 unless already answering.
-            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            log.exception("unhandled error in %s %s", scope["method"], public_path(scope["path"]))
             error = BadRequest(500, "internal server error")
             with contextlib.suppress(RuntimeError, OSError):
                 await JSONResponse(error.body(), status_code=500)(scope, receive, send)

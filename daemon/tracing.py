@@ -294,8 +294,9 @@ SERVER_KEYS = key_set(
 )
 
 
-def _without_hook_id(path: str) -> str:
-    """``path`` as a span may show it: an endpoint's hook id is its credential (``/e/{hook_id}``)."""
+def public_path(path: str) -> str:
+    """``path`` as a span or a log line may show it: without an endpoint's hook id, which is
+    the endpoint's credential (``/e/{hook_id}/...``)."""
     if not path.startswith("/e/"):
         return path
     _, slash, rest = path[3:].partition("/")
@@ -332,7 +333,7 @@ class RequestSpan:
         lean = type(span) is LeanSpan
         if span.end_ns == 0 if lean else span.is_recording():  # type: ignore[attr-defined]
             method = self.method
-            path = _without_hook_id(self.path)
+            path = public_path(self.path)
             name = f"{method} {route or path}"
             if lean:
                 span.name = name  # type: ignore[attr-defined]
