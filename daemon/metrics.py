@@ -151,10 +151,13 @@ class _HistogramCounts:
                 counts[position] += 1
             self.total += sum(values)
             if exemplars is not None:
-                now = time.time()
+                latest = {}  # a bucket keeps its last exemplar: only that one is made
                 for position, value, labels in zip(positions, values, exemplars, strict=True):
                     if labels is not None:
-                        self.exemplars[position] = Exemplar(labels, value, now)
+                        latest[position] = (labels, value)
+                now = time.time()
+                for position, (labels, value) in latest.items():
+                    self.exemplars[position] = Exemplar(labels, value, now)
 
 
 invocations_total = Counter(
