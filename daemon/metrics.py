@@ -272,58 +272,80 @@ _pending: collections.deque[tuple[InvocationSeries, SessionRecord]] = collection
 FLUSH_EVERY = 256
 
 
+class _Totals:
+    """One series' sessions since the last flush: counts summed, observations listed."""
+
+    __slots__ = (
+        "buffer_peaks",
+        "bytes_in",
+        "bytes_out",
+        "duration_exemplars",
+        "durations",
+        "encode_seconds",
+        "first_event_exemplars",
+        "first_events",
+        "messages",
+        "outcomes",
+        "terminations",
+    )
+
+    def __init__(self) -> None:
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.terminations: collections.Counter[str] = collections.Counter()
+        self.messages = self.bytes_in = self.bytes_out = 0
+        self.encode_seconds = 0.0
+        self.durations: list[float] = []
+        self.duration_exemplars: list[dict[str, str] | None] = []
+        self.first_events: list[float] = []
+        self.first_event_exemplars: list[dict[str, str] | None] = []
+        self.buffer_peaks: list[float] = []
+
+    def add(self, record: SessionRecord) -> None:
+        self.outcomes[record.outcome] += 1
+        self.messages += record.messages
+        self.bytes_in += record.bytes_in
+        self.bytes_out += record.bytes_out
+        self.encode_seconds += record.encode_seconds
+        if record.termination is not None:
+            self.terminations[record.termination] += 1
+        self.durations.append(record.duration)
+        self.duration_exemplars.append(record.exemplar)
+        if record.time_to_first_event is not None:
+            self.first_events.append(record.time_to_first_event)
+            self.first_event_exemplars.append(record.exemplar)
+        self.buffer_peaks.append(record.buffer_peak)
+
+    def apply(self, series: InvocationSeries) -> None:
+        series.duration.observe_many(self.durations, self.duration_exemplars)
+        if self.first_events:
+            series.time_to_first_event.observe_many(self.first_events, self.first_event_exemplars)
+        series.buffer_peak.observe_many(self.buffer_peaks)
+        for outcome, count in self.outcomes.items():
+            series.ended(outcome).inc(count)
+        series.messages.inc(self.messages)
+        series.bytes_in.inc(self.bytes_in)
+        series.bytes_out.inc(self.bytes_out)
+        _ENCODE_SECONDS.inc(self.encode_seconds)
+        for reason, count in self.terminations.items():
+            series.terminations[reason].inc(count)
+
+
 def flush() -> None:
     """Apply the recorded sessions to their series (any thread; each record is applied once)."""
     _flush_validations()
-    sums: dict[InvocationSeries, list[Any]] = {}
+    totals: dict[InvocationSeries, _Totals] = {}
     pop = _pending.popleft
     while True:
         try:
             series, record = pop()
         except IndexError:
             break
-        total = sums.get(series)
+        total = totals.get(series)
         if total is None:
-            total = sums[series] = [
-                collections.Counter(),
-                0,
-                0,
-                0,
-                0.0,
-                collections.Counter(),
-                [],
-                [],
-                [],
-                [],
-                [],
-            ]
-        total[0][record.outcome] += 1
-        total[1] += record.messages
-        total[2] += record.bytes_in
-        total[3] += record.bytes_out
-        total[4] += record.encode_seconds
-        if record.termination is not None:
-            total[5][record.termination] += 1
-        total[6].append(record.duration)
-        total[7].append(record.exemplar)
-        if record.time_to_first_event is not None:
-            total[8].append(record.time_to_first_event)
-            total[9].append(record.exemplar)
-        total[10].append(record.buffer_peak)
-    for series, (outcomes, messages, bytes_in, bytes_out, encode, terminations, *observed) in sums.items():
-        durations, exemplars, firsts, first_exemplars, peaks = observed
-        series.duration.observe_many(durations, exemplars)
-        if firsts:
-            series.time_to_first_event.observe_many(firsts, first_exemplars)
-        series.buffer_peak.observe_many(peaks)
-        for outcome, count in outcomes.items():
-            series.ended(outcome).inc(count)
-        series.messages.inc(messages)
-        series.bytes_in.inc(bytes_in)
-        series.bytes_out.inc(bytes_out)
-        _ENCODE_SECONDS.inc(encode)
-        for reason, count in terminations.items():
-            series.terminations[reason].inc(count)
+            total = totals[series] = _Totals()
+        total.add(record)
+    for series, total in totals.items():
+        total.apply(series)
 
 
 _ENCODE_SECONDS = serialization_seconds.labels("encode")

@@ -347,12 +347,8 @@ class RequestSpan:
                 status = Status(StatusCode.ERROR, error)
             elif self.status >= 500:
                 status = Status(StatusCode.ERROR, f"HTTP {self.status}")
-            plugin_id = self.plugin_id
-            values = (method, path, self.status, route or None, tenant or None, plugin_id, error_type)
-            if lean:
-                span.record(SERVER_KEYS, values)  # type: ignore[attr-defined]
-            else:
-                record(span, SERVER_KEYS, values)
+            values = (method, path, self.status, route or None, tenant or None, self.plugin_id, error_type)
+            record(span, SERVER_KEYS, values)
             if isinstance(exc, Exception):  # what the API's span context managers record
                 span.record_exception(exc)
                 if status is None:

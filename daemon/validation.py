@@ -343,7 +343,7 @@ class OutputVariables:
 
     def _check(self) -> int:
         """Validate the variables as they are now; returns how many there were."""
-        series = metrics.validation_series(self.design.value)
+        series = metrics.validation_series(self.design._value_)  # (as _validate reads it)
         started = time.perf_counter()
         try:
             # Build the instance by iterating the live map, as upstream did: this
