@@ -28,7 +28,6 @@ attributes are kept: a plugin's 1 MB error text is not kept per span.
 from __future__ import annotations
 
 import logging
-import marshal
 import os
 import random
 import threading
@@ -38,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+import orjson
 from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.baggage import _BAGGAGE_KEY  # what baggage.get_all reads, read directly
@@ -74,17 +74,22 @@ _now = time.time_ns
 _PLAIN_TYPES = frozenset((str, int, float, bool, type(None)))
 _set_item = dict.__setitem__  # a Context refuses item assignment; a new one is filled this way
 
-# What the trace ring keeps of a span: one ``bytes`` object (marshal's encoding of its
-# fields), because a kept span is freed long after it was made. Twenty thousand spans
-# kept as tuples of numbers and strings are ~200,000 objects spread over megabytes: each
-# span ended pushed the oldest out of the ring, and freeing its ten-odd objects, long
-# out of the CPU's caches, cost more than recording the span. A ``bytes`` is one block
-# to free, holds no reference, and the garbage collector never looks at it.
+# What the trace ring keeps of a span: its fields encoded as one JSON array (orjson: a
+# third of marshal's time for a span's dozen fields), a batch of them joined into one
+# ``bytes`` per ring entry, because a kept span is freed long after it was made. Twenty
+# thousand spans kept as tuples of numbers and strings are ~200,000 objects spread over
+# megabytes: each span ended pushed the oldest out of the ring, and freeing its ten-odd
+# objects, long out of the CPU's caches, cost more than recording the span. A ``bytes``
+# is one block to free, holds no reference, and the garbage collector never looks at it.
+# A span's fields, as :meth:`LeanSpan.plain` and :func:`pack` write them:
+#   name, trace id (high, low 64 bits: JSON numbers of up to 64 bits), span id, parent id,
+#   is_root, start ns, end ns, failed, status description, attribute keys, attribute values.
 # The attribute keys of a span are stored as the index of their tuple in _KEY_SETS
 # (one tuple per call site), or as the tuple itself once _MAX_KEY_SETS are known.
 _KEY_SETS: list[tuple[str, ...]] = []
 _KEY_INDEX: dict[tuple[str, ...], int] = {}
 _MAX_KEY_SETS = 1024
+_LOW64 = (1 << 64) - 1
 
 
 def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
@@ -99,36 +104,44 @@ def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
 
 
 def pack(fields: Sequence[Any]) -> bytes:
-    """A kept span's fields as one ``bytes``; values of other types than marshal's are
-    written as text (a lean span's values are already plain, an SDK span's may not be).
-    Version 2 of marshal's format: without the back-references of later versions, whose
-    table of seen objects cost more to build than a span's few repeated values save."""
+    """A kept span's fields as one JSON array; a value JSON cannot carry as it is (another
+    type, an integer past 64 bits, a string with a lone surrogate) is written as text."""
     try:
-        return marshal.dumps(fields, 2)
-    except ValueError:
-        return marshal.dumps(_plainly(fields), 2)
+        return orjson.dumps(fields)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_plainly(fields))
 
 
 def _plainly(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
-        return tuple(_plainly(v) for v in value)
-    for kind in (bool, int, float, str):
-        if isinstance(value, kind):
-            return kind(value)
-    return None if value is None else str(value)
+        return [_plainly(v) for v in value]
+    if value is None or isinstance(value, (bool, float)):
+        return value
+    if isinstance(value, int) and -(1 << 63) <= value <= _LOW64:
+        return int(value)
+    return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
-def key_names(keys: int | tuple[str, ...]) -> tuple[str, ...]:
+def key_names(keys: int | Sequence[str]) -> Sequence[str]:
     """The attribute keys :func:`key_set` stands for."""
     return _KEY_SETS[keys] if type(keys) is int else keys
 
 
-def unpack(blob: bytes) -> tuple[Any, ...]:
-    """The fields :meth:`LeanSpan.plain` packed, with the attributes as ``(key, value)`` pairs
-    sorted by key."""
-    *fields, keys, values = marshal.loads(blob)
-    pairs = zip(key_names(keys), values, strict=True)
-    return (*fields, tuple(sorted(pair for pair in pairs if pair[1] is not None)))
+def unpack_entry(entry: bytes) -> list[list[Any]]:
+    """The spans of a ring entry (``[`` + the spans' encodings joined by ``,`` + ``]``)."""
+    return orjson.loads(entry)  # type: ignore[no-any-return]
+
+
+def unpacked(fields: list[Any]) -> tuple[Any, ...]:
+    """A kept span's fields with the trace id whole and the attributes as ``(key, value)``
+    pairs sorted by key (a list value as a tuple, as it was set)."""
+    name, high, low, *rest, keys, values = fields
+    pairs = (
+        (key, tuple(value) if type(value) is list else value)
+        for key, value in zip(key_names(keys), values, strict=True)
+        if value is not None
+    )
+    return (name, high << 64 | low, *rest, tuple(sorted(pairs)))
 
 
 # What a recorded span is handed to when it ends: the trace ring, which packs it (see pack).
@@ -335,7 +348,9 @@ class LeanSpan(trace.Span):
     def record(self, keys: int | tuple[str, ...], values: tuple[Any, ...]) -> None:
         """Attributes as a key set (:func:`key_set`, made once per call site) and a tuple of
         values, None for an attribute the span does not have: how the daemon's own call
-        sites set a span's attributes, once, without building a dict per request. They
+        sites set a span's attributes, once, without building a dict per request. Values
+        are strings, numbers, booleans or None (the trace ring keeps them without checking
+        their types; an exporter gets them bounded and checked). They
         become ``(key, value)`` pairs when the span is shown or exported; attributes set
         one by one take precedence over them."""
         if self.keys is not None:  # recorded before: keep those as attributes set one by one
@@ -441,27 +456,31 @@ class LeanSpan(trace.Span):
         id in hex, attributes sorted) waits until the trace page asks.
 
         Bounding the attributes one by one (:meth:`bounded_attributes`) was a third of what
-        keeping a span cost. Usually nothing needs it: when every value is a plain string
-        or number and the whole encoding is no longer than the value limit, no string in it
-        can be longer either; only otherwise (or when the span has attributes both set and
-        recorded) are the attributes bounded and packed again.
+        keeping a span cost. Usually nothing needs it: when every value is a string, number,
+        boolean or None (as recorded values are: :meth:`record`) and the whole encoding is
+        no longer than the value limit, no string in it can be longer either; only otherwise
+        (or when the span has attributes both set and recorded) are the attributes bounded
+        and packed again.
         """
         attributes = self.attributes
         keys: int | tuple[str, ...] | None = self.keys
         values: tuple[Any, ...] | None
+        plain = True  # every value is of a type kept as it is
         if keys is None:
             attributes = attributes or {}
             values = tuple(attributes.values())
             keys = key_set(tuple(attributes))
+            plain = _PLAIN_TYPES.issuperset(map(type, values))
         elif attributes:  # both set and recorded: merged, and bounded, below
             values = None
         else:
             values = self.values
         limits = self._tracer.limits
-        parent_id = self.parent_id
+        trace_id, parent_id = self.trace_id, self.parent_id
         fields = [
             self.name,
-            self.trace_id,
+            trace_id >> 64,
+            trace_id & _LOW64,
             self.span_id,
             parent_id,
             parent_id is None or self.parent_remote,
@@ -472,10 +491,14 @@ class LeanSpan(trace.Span):
             keys,
             values,
         ]
-        if values is not None and len(values) <= limits.count and _PLAIN_TYPES.issuperset(map(type, values)):
-            blob = marshal.dumps(fields, 2)  # a list: unpacked as the tuple would be
-            if len(blob) <= limits.value_length:
-                return blob
+        if plain and values is not None and len(values) <= limits.count:
+            try:
+                blob = orjson.dumps(fields)
+            except orjson.JSONEncodeError:  # an integer past 64 bits, a lone surrogate
+                pass
+            else:
+                if len(blob) <= limits.value_length:
+                    return blob
         attributes = self.bounded_attributes()
         fields[-2:] = key_set(tuple(attributes)), tuple(attributes.values())
         return pack(fields)

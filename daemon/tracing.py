@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import marshal
 import os
 import threading
 from collections import deque
@@ -42,7 +41,8 @@ from daemon.spans import (
     key_set,
     pack,
     record,
-    unpack,
+    unpack_entry,
+    unpacked,
 )
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,12 @@ def _plain(span: ReadableSpan) -> bytes:
     """A span the SDK made, as the ring keeps it (see :func:`daemon.spans.pack`)."""
     context, parent = span.context, span.parent
     attributes = span.attributes or {}
+    trace_id = context.trace_id if context else 0
     return pack(
         (
             span.name,
-            context.trace_id if context else 0,
+            trace_id >> 64,
+            trace_id & ((1 << 64) - 1),
             context.span_id if context else 0,
             parent.span_id if parent else None,
             parent is None or parent.is_remote,
@@ -91,9 +93,9 @@ def _plain(span: ReadableSpan) -> bytes:
     )
 
 
-def _kept(blob: bytes) -> KeptSpan:
+def _kept(fields: list[Any]) -> KeptSpan:
     """The trace page's view of a kept span: formatted when the page asks, not per request."""
-    name, trace_id, *rest = unpack(blob)
+    name, trace_id, *rest = unpacked(fields)
     return KeptSpan(name, format(trace_id, "032x"), *rest)
 
 
@@ -106,8 +108,8 @@ ENTRY_SHARE = 16  # an entry holds at most about 1/16 of the ring's byte budget
 class SpanRing(SpanProcessor):
     """The most recent ended spans, bounded in count and in bytes; read by the trace page.
 
-    Spans are packed a batch at a time (:data:`BATCH`), each into one ``bytes``
-    (:func:`daemon.spans.pack`), and a batch's spans into one entry: a ``bytes`` the
+    Spans are packed a batch at a time (:data:`BATCH`), each encoded as a JSON array
+    (:func:`daemon.spans.pack`), a batch's joined into one entry: a ``bytes`` the
     cyclic garbage collector never walks and which is one block to free when its
     spans leave the ring. A ``ReadableSpan`` is eleven objects the collector must walk;
     twenty thousand of them alive made the daemon's full collections long: with tracing
@@ -145,25 +147,30 @@ class SpanRing(SpanProcessor):
     def _drain(self) -> None:
         pending = self._pending
         share = self.max_bytes // ENTRY_SHARE
-        with self._lock:
-            blobs: list[bytes] = []
+        with self._lock:  # drainers hold it, so what len() counts is there to take
+            take = pending.popleft
+            blobs = [
+                span if type(span) is bytes else span.plain()  # type: ignore[union-attr]
+                for span in [take() for _ in range(len(pending))]
+            ]
+            if not blobs:
+                return
+            if sum(map(len, blobs)) < share:
+                self._keep_entry(blobs)
+                return
+            entry: list[bytes] = []  # spans with long values: entries of about ``share`` bytes
             size = 0
-            while pending:
-                try:
-                    span = pending.popleft()
-                except IndexError:  # drained by another thread meanwhile (it holds no lock to append)
-                    break
-                blob = span if type(span) is bytes else span.plain()  # type: ignore[union-attr]
-                blobs.append(blob)
+            for blob in blobs:
+                entry.append(blob)
                 size += len(blob)
                 if size >= share:
-                    self._keep_entry(blobs)
-                    blobs, size = [], 0
-            if blobs:
-                self._keep_entry(blobs)
+                    self._keep_entry(entry)
+                    entry, size = [], 0
+            if entry:
+                self._keep_entry(entry)
 
     def _keep_entry(self, blobs: list[bytes]) -> None:
-        entry = marshal.dumps(tuple(blobs), 2)
+        entry = b"[%s]" % b",".join(blobs)  # one JSON array of the spans' arrays
         entries, counts = self._entries, self._counts
         entries.append(entry)
         counts.append(len(blobs))
@@ -184,8 +191,8 @@ class SpanRing(SpanProcessor):
         with self._lock:
             entries = list(self._entries)
             hidden = self.kept - self.capacity  # the oldest entry's spans beyond the count
-        blobs = [blob for entry in entries for blob in marshal.loads(entry)]
-        return [_kept(blob) for blob in blobs[max(hidden, 0) :]]
+        kept = [fields for entry in entries for fields in unpack_entry(entry)]
+        return [_kept(fields) for fields in kept[max(hidden, 0) :]]
 
     def shutdown(self) -> None:
         pass

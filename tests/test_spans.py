@@ -225,3 +225,21 @@ def test_the_ring_shows_exactly_its_capacity_of_the_newest_spans() -> None:
         if i in (10, BATCH * 3):  # a snapshot drains a partial batch into an entry of its own
             assert [dict(s.attributes)["i"] for s in ring.snapshot()][-1] == i
     assert [dict(s.attributes)["i"] for s in ring.snapshot()] == list(range(ended - 100, ended))
+
+
+def test_the_ring_keeps_values_json_cannot_carry_as_they_are_and_whole_trace_ids() -> None:
+    """A span is kept as a JSON array: an integer past 64 bits or a string with a lone surrogate
+    is kept as text instead of failing the batch, and a 128-bit trace id comes back whole."""
+    ring = SpanRing(100)
+    provider = LeanTracerProvider(Resource.create({}), ALWAYS_ON, ring.keep)
+    tracer = provider.get_tracer("test")
+    recorded = tracer.start_span("recorded")
+    assert isinstance(recorded, LeanSpan)
+    recorded.trace_id = (1 << 127) | 5  # the high bit set: past what one JSON number holds
+    recorded.record(key_set(("big", "text", "n")), (1 << 70, "a\ud800b", 7))
+    recorded.end()
+    tracer.start_span("set", attributes={"big": -(1 << 65), "ok": "plain"}).end()
+    first, second = ring.snapshot()
+    assert first.trace_id == format((1 << 127) | 5, "032x")
+    assert dict(first.attributes) == {"big": str(1 << 70), "text": "a?b", "n": 7}
+    assert dict(second.attributes) == {"big": str(-(1 << 65)), "ok": "plain"}
