@@ -200,8 +200,7 @@ class Invocation:
         """One batch of the plugin's messages, as one write of success events."""
         clock = time.perf_counter
         encode_started = clock()
-        codec = self.codec
-        body = b"".join([wire.sse_success(codec, message) for message in batch])
+        body = wire.sse_successes(self.codec, batch)
         self.encode_seconds += clock() - encode_started
         self.messages_out += len(batch)
         self.bytes_out += len(body)
