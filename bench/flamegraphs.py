@@ -3,7 +3,8 @@
     python -m bench.flamegraphs                          # into bench/report/flamegraphs/
     python -m bench.flamegraphs --seconds 10 --size 16 --events 21
 
-Each daemon variant runs alone under the benchmark's closed-loop load while its
+Each daemon variant (on the validator backend the daemon ships with, jsonschema-rs)
+runs alone under the benchmark's closed-loop load while its
 own ``/debug/profile`` records it (see ``daemon/profiling.py``): samples on
 ``SIGPROF``, weighted by each thread's CPU clock, so only CPU counts, not threads
 waiting for a core (which py-spy counted as busy on a shared machine). Writes an
@@ -22,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from bench.cost import workload
+from bench.cost import SHIPPED, workload
 from bench.measure import trial
 from bench.servers import REPO, Server, Variant, daemon_variant, prepare_environment
 
@@ -30,8 +31,12 @@ OUT = REPO / "bench" / "report" / "flamegraphs"
 
 
 def variants() -> list[Variant]:
-    designs = [daemon_variant(f"daemon {d}", validator=d) for d in ("none", "unsafe", "lock", "owner")]
-    return [*designs, daemon_variant("daemon owner traced", tracing=True)]
+    """Each design on the validator backend the daemon ships with, and the owner design traced."""
+    designs = [
+        daemon_variant(f"daemon {d}", validator=d, backend=SHIPPED)
+        for d in ("none", "unsafe", "lock", "owner")
+    ]
+    return [*designs, daemon_variant("daemon owner traced", backend=SHIPPED, tracing=True)]
 
 
 def record(server: Server, seconds: float, fmt: str) -> bytes:

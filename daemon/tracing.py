@@ -113,7 +113,7 @@ class SpanRing(SpanProcessor):
     cyclic garbage collector never walks and which is one block to free when its
     spans leave the ring. A ``ReadableSpan`` is eleven objects the collector must walk;
     twenty thousand of them alive made the daemon's full collections long: with tracing
-    on, time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms (bench/REPORT.md).
+    on, time-to-first-event p99 was 57 / 198 ms instead of 14 / 18 ms (bench/HISTORY.md).
     Tuples of numbers and strings, which the collector stops tracking, still cost more
     to free, cold, than the span cost to record; so did a ``bytes`` per span. The count
     bound is exact as the trace page sees it (older spans of the oldest entry are not

@@ -9,7 +9,7 @@ length) and hands each chunk's lines to the connection in one callback, which cl
 session when its ``end`` arrives, before the session's consumer (the request's task) has run:
 the closer and the consumer are different tasks, which is the race the validator designs
 differ on. (A reader thread with a hand-off to the loop per chunk cost more CPU per
-invocation than the rest of the relay's reading; ``bench/REPORT.md``.) The end of the stream
+invocation than the rest of the relay's reading; ``bench/HISTORY.md``.) The end of the stream
 is handled on a short-lived thread, because reaping waits for the process. A stderr thread
 keeps a bounded tail for the pool's ``failed`` state and logs at a bounded rate. Writes go
 through an asyncio pipe transport with flow control: :meth:`send` waits while the plugin is
