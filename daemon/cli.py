@@ -253,6 +253,8 @@ def open_database(settings: Settings) -> Database:
 
 
 def serve(settings: Settings) -> None:
+    import faulthandler
+
     import uvicorn
 
     from daemon import direct, isolation
@@ -260,6 +262,9 @@ def serve(settings: Settings) -> None:
     from daemon.limits import protocol
     from daemon.shutdown import FINAL_EVENT_GRACE, DrainingServer
 
+    # A crash below Python (a C extension's abort or segfault) would otherwise end the daemon with
+    # no word in its log: every thread's Python stack goes to stderr first.
+    faulthandler.enable(all_threads=True)
     try:
         check_backend(settings.validator_backend)
     except BackendUnavailable as exc:

@@ -109,3 +109,19 @@ def test_a_second_ctrl_c_ends_the_drain_at_once_with_the_named_error(
         assert stream.failure is None and stream.pending == b""
         assert "DaemonShuttingDownError" in stream.events[-1].raw["message"]
     daemon.proc.wait(60)
+
+
+def test_a_fatal_signal_leaves_every_thread_s_stack_in_the_log_and_no_plugin_behind(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    """A crash below Python (an extension's abort) ends the daemon; its log must say where each
+    thread was, and its plugins must not outlive it."""
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    daemon.record_children()
+    daemon.proc.send_signal(signal.SIGABRT)
+    assert daemon.proc.wait(timeout=30) == -signal.SIGABRT
+    log = daemon.log()
+    assert "Fatal Python error: Aborted" in log
+    assert "(most recent call first)" in log and "Thread 0x" in log, log[-2000:]
+    daemon.stop()  # checks that no plugin process is left
