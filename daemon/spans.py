@@ -89,7 +89,7 @@ _set_item = dict.__setitem__  # a Context refuses item assignment; a new one is 
 _KEY_SETS: list[tuple[str, ...]] = []
 _KEY_INDEX: dict[tuple[str, ...], int] = {}
 _MAX_KEY_SETS = 1024
-_LOW64 = (1 << 64) - 1
+LOW_64_BITS = (1 << 64) - 1  # a trace id is kept as its high and low 64 bits
 
 
 def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
@@ -117,7 +117,7 @@ def _plainly(value: Any) -> Any:
         return [_plainly(v) for v in value]
     if value is None or isinstance(value, (bool, float)):
         return value
-    if isinstance(value, int) and -(1 << 63) <= value <= _LOW64:
+    if isinstance(value, int) and -(1 << 63) <= value <= LOW_64_BITS:
         return int(value)
     return str(value).encode("utf-8", "replace").decode("utf-8")
 
@@ -480,7 +480,7 @@ class LeanSpan(trace.Span):
         fields = [
             self.name,
             trace_id >> 64,
-            trace_id & _LOW64,
+            trace_id & LOW_64_BITS,
             self.span_id,
             parent_id,
             parent_id is None or self.parent_remote,

@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.errors import unwrap
 from daemon.spans import (
+    LOW_64_BITS,
     ConvertingExporter,
     LeanSpan,
     LeanTracerProvider,
@@ -79,7 +80,7 @@ def _plain(span: ReadableSpan) -> bytes:
         (
             span.name,
             trace_id >> 64,
-            trace_id & ((1 << 64) - 1),
+            trace_id & LOW_64_BITS,
             context.span_id if context else 0,
             parent.span_id if parent else None,
             parent is None or parent.is_remote,
