@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.loadgen import request_bytes, run_load
 from bench.measure import INVOKE_PATH, Workload, trial
-from bench.servers import Server, Variant, daemon_variant, prepare_environment, source_variant
+from bench.servers import PYTHON_BACKEND, Server, Variant, daemon_variant, prepare_environment, source_variant
 from bench.sweeps import RELAY_FAST, RELAY_JSON
 
 VARIABLES = 4  # per session, as the other sweeps; fewer when the session is shorter
@@ -42,44 +42,41 @@ def workload(events: int, concurrency: int) -> Workload:
     return Workload(size=16, count=events - 1 - variables, variables=variables, concurrency=concurrency)
 
 
-SHIPPED = "jsonschema-rs"  # the validator backend the daemon ships with: what every set measures
-
-
 def variant_set(name: str, revision: str | None, steps: list[str] | None = None) -> list[Variant]:
     if name == "steps":  # the daemon now and at each of ``steps`` (tracing off), and the fast relay
-        earlier = [source_variant(f"daemon @{step}", step, backend=SHIPPED) for step in steps or []]
-        return [RELAY_FAST, daemon_variant("daemon", backend=SHIPPED), *earlier]
+        earlier = [source_variant(f"daemon @{step}", step) for step in steps or []]
+        return [RELAY_FAST, daemon_variant("daemon"), *earlier]
     variants = {
         "relay": [
             RELAY_FAST,
             RELAY_JSON,
-            # The daemon as shipped: the owner design on the jsonschema-rs backend.
-            daemon_variant("daemon owner", backend=SHIPPED),
-            daemon_variant("daemon owner traced", backend=SHIPPED, tracing=True),
+            # The daemon as shipped: the owner design on the jsonschema-rs backend (the default).
+            daemon_variant("daemon owner"),
+            daemon_variant("daemon owner traced", tracing=True),
             # What the schema check costs: the same daemon without it, and with pure-Python jsonschema.
             daemon_variant("daemon none", validator="none"),
-            daemon_variant("daemon owner py"),
+            daemon_variant("daemon owner py", backend=PYTHON_BACKEND),
             # The same daemon with dispatch served through the ASGI application.
             Variant(
                 "daemon owner asgi",
                 "daemon",
-                daemon_variant("", backend=SHIPPED).settings | {"server_direct_dispatch": "false"},
+                daemon_variant("").settings | {"server_direct_dispatch": "false"},
             ),
         ],
         "tracing": [
-            daemon_variant("tracing off", backend=SHIPPED),
-            daemon_variant("tracing on", backend=SHIPPED, tracing=True),
+            daemon_variant("tracing off"),
+            daemon_variant("tracing on", tracing=True),
         ],
         "tracing-aa": [
-            daemon_variant("tracing off", backend=SHIPPED),
-            daemon_variant("tracing off (A/A)", backend=SHIPPED),
-            daemon_variant("tracing on", backend=SHIPPED, tracing=True),
+            daemon_variant("tracing off"),
+            daemon_variant("tracing off (A/A)"),
+            daemon_variant("tracing on", tracing=True),
         ],
     }[name]
     if revision:
         variants += [
-            source_variant(f"tracing off @{revision}", revision, backend=SHIPPED),
-            source_variant(f"tracing on @{revision}", revision, backend=SHIPPED, tracing=True),
+            source_variant(f"tracing off @{revision}", revision),
+            source_variant(f"tracing on @{revision}", revision, tracing=True),
         ]
     return variants
 

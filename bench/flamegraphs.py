@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from bench.cost import SHIPPED, workload
+from bench.cost import workload
 from bench.measure import trial
 from bench.servers import REPO, Server, Variant, daemon_variant, prepare_environment
 
@@ -32,11 +32,8 @@ OUT = REPO / "bench" / "report" / "flamegraphs"
 
 def variants() -> list[Variant]:
     """Each design on the validator backend the daemon ships with, and the owner design traced."""
-    designs = [
-        daemon_variant(f"daemon {d}", validator=d, backend=SHIPPED)
-        for d in ("none", "unsafe", "lock", "owner")
-    ]
-    return [*designs, daemon_variant("daemon owner traced", backend=SHIPPED, tracing=True)]
+    designs = [daemon_variant(f"daemon {d}", validator=d) for d in ("none", "unsafe", "lock", "owner")]
+    return [*designs, daemon_variant("daemon owner traced", tracing=True)]
 
 
 def record(server: Server, seconds: float, fmt: str) -> bytes:

@@ -15,18 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import Workload, trial
-from bench.servers import (
-    Server,
-    Variant,
-    daemon_variant,
-    relay_variant,
-    revision_available,
-    source_variant,
-)
+from bench.servers import PYTHON_BACKEND, SHIPPED_BACKEND, Server, Variant, daemon_variant, relay_variant
 
-# The last commit of this branch before tracing and metrics were merged in: the
-# "no observability code" baseline of the tracing sweep.
-PRE_OBSERVABILITY = "c25339c"
+DESIGNS = ("unsafe", "lock", "owner")
 SIZES = {"16B": 16, "1KiB": 1024, "16KiB": 16 * 1024, "64KiB": 64 * 1024}
 
 
@@ -70,11 +61,8 @@ def sweeps(ci: bool) -> list[Sweep]:
         "validator",
         "Validator design and backend (16 B texts; a short and a variable-heavy session)",
         [daemon_variant("none", validator="none")]
-        + [daemon_variant(d, validator=d) for d in ("unsafe", "lock", "owner")]
-        + [
-            daemon_variant(f"{d} rs", validator=d, backend="jsonschema-rs")
-            for d in ("unsafe", "lock", "owner")
-        ],
+        + [daemon_variant(d, validator=d, backend=PYTHON_BACKEND) for d in DESIGNS]
+        + [daemon_variant(f"{d} rs", validator=d, backend=SHIPPED_BACKEND) for d in DESIGNS],
         {
             "16 texts + 5 vars": Workload(size=16, count=16, variables=4),
             "1 text + 51 vars": Workload(size=16, count=1, variables=50),
@@ -99,9 +87,10 @@ def sweeps(ci: bool) -> list[Sweep]:
         fresh_per_point=True,
         ratios=[("cpu_us_per_event", "daemon orjson owner", "relay orjson+coalesce")],
     )
+    # Off against itself (A/A) shows the run's noise floor, against which on's cost is read.
     tracing_variants = [daemon_variant("tracing off"), daemon_variant("tracing on", tracing=True)]
-    if not ci and revision_available(PRE_OBSERVABILITY):
-        tracing_variants.insert(0, source_variant("no observability code", PRE_OBSERVABILITY))
+    if not ci:
+        tracing_variants.insert(1, daemon_variant("tracing off (A/A)"))
     tracing = Sweep(
         "tracing",
         "Tracing off (OTEL_SDK_DISABLED=true) vs on (100% sampling), daemon orjson owner",
@@ -115,7 +104,7 @@ def sweeps(ci: bool) -> list[Sweep]:
             ("cpu_us_per_event", "tracing on", "tracing off"),
         ]
         + [
-            (metric, "tracing off", "no observability code")
+            (metric, "tracing off (A/A)", "tracing off")
             for metric in ("invocations_per_s", "cpu_us_per_event")
             if len(tracing_variants) == 3
         ],
