@@ -214,6 +214,13 @@ def _item_identity(item: Mapping[str, Any]) -> Json:
     }
 
 
+def _with_output_schema(entry: Json, item: Mapping[str, Any]) -> Json:
+    """``entry`` with the item's ``output_schema`` when it declares one (upstream's ``omitempty``)."""
+    if item.get("output_schema"):
+        entry["output_schema"] = item["output_schema"]
+    return entry
+
+
 def tool_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon) -> Json:
     tools = []
     for tool in _inline(provider.get("tools"), reader):
@@ -227,9 +234,7 @@ def tool_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon
             "parameters": [_parameter(_map(p), tool=True) for p in _list(tool.get("parameters"))],
             "has_runtime_parameters": bool(tool.get("has_runtime_parameters")),
         }
-        if tool.get("output_schema"):
-            entry["output_schema"] = tool["output_schema"]
-        tools.append(entry)
+        tools.append(_with_output_schema(entry, tool))
     return {
         "identity": _provider_identity(provider, icon),
         "credentials_schema": _credentials(provider),
@@ -440,9 +445,7 @@ def datasource_provider(provider: Mapping[str, Any], reader: Reader | None, icon
             ],
             "description": i18n(datasource.get("description")),
         }
-        if datasource.get("output_schema"):
-            entry["output_schema"] = datasource["output_schema"]
-        datasources.append(entry)
+        datasources.append(_with_output_schema(entry, datasource))
     return {
         "identity": {
             "author": identity.get("author"),
@@ -478,9 +481,7 @@ def trigger_provider(provider: Mapping[str, Any], reader: Reader | None, icon: I
             "parameters": [_event_parameter(_map(p)) for p in _list(event.get("parameters"))],
             "description": i18n(event.get("description")),
         }
-        if event.get("output_schema"):
-            entry["output_schema"] = event["output_schema"]
-        events.append(entry)
+        events.append(_with_output_schema(entry, event))
     return {
         "identity": _provider_identity(provider, icon),
         "subscription_schema": _configs(provider.get("subscription_schema")),

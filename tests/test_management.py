@@ -33,14 +33,29 @@ TRIGGER = "demo/webhook_events"
 ROUTE_OF = dict((*ROUTES, *POST_ROUTES))
 
 
+def start_with_remote(plugins: Path, tmp: Path) -> Daemon:
+    """A daemon over ``plugins`` whose remote-debug port the tests know (``remote_port``)."""
+    port = free_port()
+    started = start_daemon(plugins, tmp / "state", tmp / "daemon.log", plugin_remote_installing_port=port)
+    started.remote_port = port  # type: ignore[attr-defined]
+    return started
+
+
+def remote_env(daemon: Daemon, client: httpx.Client, tenant: str) -> dict[str, str]:
+    """The environment that makes an SDK plugin connect to ``daemon`` for ``tenant``."""
+    response = client.post(f"{daemon.url}/plugin/{tenant}/debugging/key", headers={"X-Api-Key": daemon.key})
+    return {
+        "PATH": os.environ["PATH"],
+        "INSTALL_METHOD": "remote",
+        "REMOTE_INSTALL_URL": f"127.0.0.1:{daemon.remote_port}",  # type: ignore[attr-defined]
+        "REMOTE_INSTALL_KEY": response.json()["data"]["key"],
+        "HEARTBEAT_INTERVAL": "1",
+    }
+
+
 @pytest.fixture(scope="module")
 def daemon(sdk_plugins_installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("management")
-    port = free_port()
-    started = start_daemon(
-        sdk_plugins_installed, tmp / "state", tmp / "daemon.log", plugin_remote_installing_port=port
-    )
-    started.remote_port = port  # type: ignore[attr-defined]
+    started = start_with_remote(sdk_plugins_installed, tmp_path_factory.mktemp("management"))
     yield started
     started.stop()
 
@@ -57,13 +72,27 @@ def get(daemon: Daemon, client: httpx.Client, tenant: str, path: str, **params: 
     return dify.request(client, "GET", url, {"X-Api-Key": daemon.key}, params=params)
 
 
-def tool_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
-    """``PluginToolManager.fetch_tool_providers``: its transformer, then its pydantic model."""
-    data = get(daemon, client, tenant, "tools", page=1, page_size=256)
+def providers_as_dify_reads_them(
+    daemon: Daemon, client: httpx.Client, tenant: str, path: str, items: str, entity: Any, by_id: bool = False
+) -> list[Any]:
+    """A provider listing as Dify's client fetches it: the first page of 256, its transformer
+    (each item's ``identity.provider`` set to the provider's name, or ``plugin_id/provider``
+    when ``by_id``), then its pydantic model."""
+    data = get(daemon, client, tenant, path, page=1, page_size=256)
     for provider in data:
-        for tool in provider["declaration"]["tools"]:
-            tool["identity"]["provider"] = provider["declaration"]["identity"]["name"]
-    return TypeAdapter(list[dify_entities.PluginToolProviderEntity]).validate_python(data)
+        name = provider["declaration"]["identity"]["name"]
+        for item in provider["declaration"][items]:
+            item["identity"]["provider"] = (
+                f"{provider['plugin_id']}/{provider['provider']}" if by_id else name
+            )
+    return TypeAdapter(list[entity]).validate_python(data)
+
+
+def tool_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
+    """``PluginToolManager.fetch_tool_providers``."""
+    return providers_as_dify_reads_them(
+        daemon, client, tenant, "tools", "tools", dify_entities.PluginToolProviderEntity
+    )
 
 
 def plugin_list(daemon: Daemon, client: httpx.Client, tenant: str, **params: Any) -> Any:
@@ -260,18 +289,8 @@ def remote_copy(tmp: Path) -> Path:
 def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
     daemon: Daemon, client: httpx.Client, tmp_path: Path
 ) -> None:
-    key_response = client.post(
-        f"{daemon.url}/plugin/tenant-a/debugging/key", headers={"X-Api-Key": daemon.key}
-    )
-    key = key_response.json()["data"]["key"]
     copy = remote_copy(tmp_path)
-    env = {
-        "PATH": os.environ["PATH"],
-        "INSTALL_METHOD": "remote",
-        "REMOTE_INSTALL_URL": f"127.0.0.1:{daemon.remote_port}",  # type: ignore[attr-defined]
-        "REMOTE_INSTALL_KEY": key,
-        "HEARTBEAT_INTERVAL": "1",
-    }
+    env = remote_env(daemon, client, "tenant-a")
     python = PLUGINS / "notes" / ".venv" / "bin" / "python"
     plugin = subprocess.Popen([str(python), "-m", "main"], cwd=copy, env=env, stdout=subprocess.DEVNULL)
     # A model provider too, under the id of a local plugin: for tenant-a the remote one replaces it.
@@ -328,33 +347,24 @@ def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
 
 @pytest.fixture(scope="module")
 def kinds_daemon(test_plugins_installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("management-kinds")
-    port = free_port()
-    started = start_daemon(
-        test_plugins_installed, tmp / "state", tmp / "daemon.log", plugin_remote_installing_port=port
-    )
-    started.remote_port = port  # type: ignore[attr-defined]
+    started = start_with_remote(test_plugins_installed, tmp_path_factory.mktemp("management-kinds"))
     started.wait_ready(DATASOURCE, TRIGGER)
     yield started
     started.stop()
 
 
 def datasource_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
-    """``PluginDatasourceManager.fetch_datasource_providers``: its transformer, then its model."""
-    data = get(daemon, client, tenant, "datasources", page=1, page_size=256)
-    for provider in data:
-        for datasource in provider["declaration"]["datasources"]:
-            datasource["identity"]["provider"] = provider["declaration"]["identity"]["name"]
-    return TypeAdapter(list[dify_entities.PluginDatasourceProviderEntity]).validate_python(data)
+    """``PluginDatasourceManager.fetch_datasource_providers`` (before it adds Dify's own local-file one)."""
+    return providers_as_dify_reads_them(
+        daemon, client, tenant, "datasources", "datasources", dify_entities.PluginDatasourceProviderEntity
+    )
 
 
 def trigger_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
-    """``PluginTriggerClient.fetch_trigger_providers``: its transformer, then its model."""
-    data = get(daemon, client, tenant, "triggers", page=1, page_size=256)
-    for provider in data:
-        for event in provider["declaration"]["events"]:
-            event["identity"]["provider"] = f"{provider['plugin_id']}/{provider['provider']}"
-    return TypeAdapter(list[dify_entities.PluginTriggerProviderEntity]).validate_python(data)
+    """``PluginTriggerClient.fetch_trigger_providers``."""
+    return providers_as_dify_reads_them(
+        daemon, client, tenant, "triggers", "events", dify_entities.PluginTriggerProviderEntity, by_id=True
+    )
 
 
 def plugin_root(name: str) -> Path:
@@ -468,16 +478,7 @@ def test_remote_datasource_and_trigger_plugins_are_listed_for_their_tenant(
 ) -> None:
     """The SDK registers a datasource-only or trigger-only plugin over remote debugging; its
     tenant sees the declarations the SDK sent, parsed as Dify parses them, and nobody else does."""
-    key_response = client.post(
-        f"{kinds_daemon.url}/plugin/tenant-a/debugging/key", headers={"X-Api-Key": kinds_daemon.key}
-    )
-    env = {
-        "PATH": os.environ["PATH"],
-        "INSTALL_METHOD": "remote",
-        "REMOTE_INSTALL_URL": f"127.0.0.1:{kinds_daemon.remote_port}",  # type: ignore[attr-defined]
-        "REMOTE_INSTALL_KEY": key_response.json()["data"]["key"],
-        "HEARTBEAT_INTERVAL": "1",
-    }
+    env = remote_env(kinds_daemon, client, "tenant-a")
     processes = [
         subprocess.Popen(
             [str(plugin_root(name) / ".venv" / "bin" / "python"), "-m", "main"],
