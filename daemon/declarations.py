@@ -1,11 +1,11 @@
 """A plugin's declaration as upstream's daemon sends it to Dify: the manifest with its tool,
-model or agent-strategy provider filled in from the files the manifest names.
+model, agent-strategy, datasource or trigger provider filled in from the files the manifest names.
 
 Dify's API server parses these with strict pydantic models (``api/core/plugin/entities/`` in
 langgenius/dify), so every field is shaped the way the Go daemon marshals its declaration
 structs (``pkg/entities/plugin_entities/*_declaration.go`` in langgenius/dify-plugin-daemon):
 the same field set, its defaults (``fetch_from``, ``show_on``, empty lists), its fill-ins
-(a tool provider without a description or tags takes the plugin's; a parameter rule without
+(a tool or trigger provider without a description or tags takes the plugin's; a parameter rule without
 a label is labelled by its name), and icons replaced by the asset ids ``asset/{id}`` serves.
 Fields upstream does not know (``extra``, file lists) are dropped. A local plugin's files are
 read with the manifest loader's bounds; a remote-debug plugin's declarations are what its SDK
@@ -97,14 +97,15 @@ def _options(value: Any) -> list[Any]:
     return out
 
 
-def _parameter(p: Mapping[str, Any], *, tool: bool) -> Json:
+def _parameter(p: Mapping[str, Any], *, tool: bool, described: bool = False) -> Json:
+    """A tool's, a strategy's or (``described``) a datasource's parameter."""
     out: Json = {
         "name": p.get("name"),
         "label": i18n(p.get("label")),
     }
     if tool:
         out["human_description"] = i18n(p.get("human_description"))
-    else:
+    elif not described:
         out["help"] = i18n(p.get("help"))
     out["type"] = p.get("type")
     out["scope"] = p.get("scope")
@@ -123,6 +124,28 @@ def _parameter(p: Mapping[str, Any], *, tool: bool) -> Json:
     )
     if tool:
         out["multiple"] = bool(p.get("multiple"))
+    if described:
+        out["description"] = i18n(p.get("description"))
+    return out
+
+
+def _event_parameter(p: Mapping[str, Any]) -> Json:
+    """A trigger event's or subscription constructor's parameter (``EventParameter``): upstream
+    leaves out every optional field that is unset."""
+    out: Json = {"name": p.get("name"), "label": i18n(p.get("label")), "type": p.get("type")}
+    for key in ("auto_generate", "template", "scope"):
+        if p.get(key) is not None:
+            out[key] = p[key]
+    out["required"] = bool(p.get("required"))
+    if p.get("multiple"):
+        out["multiple"] = True
+    for key in ("default", "min", "max", "precision"):
+        if p.get(key) is not None:
+            out[key] = p[key]
+    if _list(p.get("options")):
+        out["options"] = [{"label": o["label"], "value": o["value"]} for o in _options(p.get("options"))]
+    if p.get("description"):
+        out["description"] = i18n(p.get("description"))
     return out
 
 
@@ -191,6 +214,13 @@ def _item_identity(item: Mapping[str, Any]) -> Json:
     }
 
 
+def _with_output_schema(entry: Json, item: Mapping[str, Any]) -> Json:
+    """``entry`` with the item's ``output_schema`` when it declares one (upstream's ``omitempty``)."""
+    if item.get("output_schema"):
+        entry["output_schema"] = item["output_schema"]
+    return entry
+
+
 def tool_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon) -> Json:
     tools = []
     for tool in _inline(provider.get("tools"), reader):
@@ -204,9 +234,7 @@ def tool_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon
             "parameters": [_parameter(_map(p), tool=True) for p in _list(tool.get("parameters"))],
             "has_runtime_parameters": bool(tool.get("has_runtime_parameters")),
         }
-        if tool.get("output_schema"):
-            entry["output_schema"] = tool["output_schema"]
-        tools.append(entry)
+        tools.append(_with_output_schema(entry, tool))
     return {
         "identity": _provider_identity(provider, icon),
         "credentials_schema": _credentials(provider),
@@ -384,6 +412,84 @@ def endpoint_provider(group: Mapping[str, Any], reader: Reader | None) -> Json:
     }
 
 
+def _oauth_schema(schema: Any) -> Json | None:
+    """``OAuthSchema``: the client's settings and the credentials it yields."""
+    if not isinstance(schema, Mapping):
+        return None
+    return {
+        key: [_provider_config(_map(c)) for c in _list(schema.get(key))]
+        for key in ("client_schema", "credentials_schema")
+    }
+
+
+def _configs(value: Any) -> list[Json]:
+    """A list of ``ProviderConfig``, declared as a list or as a mapping keyed by name."""
+    return [_provider_config(_map(c)) for c in _credentials({"credentials_schema": value})]
+
+
+def datasource_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon) -> Json:
+    """A datasource provider (``DatasourceProviderDeclaration``) with its datasources."""
+    identity = _map(provider.get("identity"))
+    datasources = []
+    for datasource in _inline(provider.get("datasources"), reader):
+        own = _map(datasource.get("identity"))
+        entry: Json = {
+            "identity": {
+                "author": own.get("author"),
+                "name": own.get("name"),
+                "label": i18n(own.get("label")),
+                "icon": icon(str(own.get("icon") or "")),
+            },
+            "parameters": [
+                _parameter(_map(p), tool=False, described=True) for p in _list(datasource.get("parameters"))
+            ],
+            "description": i18n(datasource.get("description")),
+        }
+        datasources.append(_with_output_schema(entry, datasource))
+    return {
+        "identity": {
+            "author": identity.get("author"),
+            "name": identity.get("name"),
+            "description": i18n(identity.get("description")),
+            "icon": icon(str(identity.get("icon") or "")),
+            "label": i18n(identity.get("label")),
+            "tags": _list(identity.get("tags")),
+        },
+        "credentials_schema": _configs(provider.get("credentials_schema")),
+        "oauth_schema": _oauth_schema(provider.get("oauth_schema")),
+        "provider_type": provider.get("provider_type"),
+        "datasources": datasources,
+    }
+
+
+def trigger_provider(provider: Mapping[str, Any], reader: Reader | None, icon: Icon) -> Json:
+    """A trigger provider (``TriggerProviderDeclaration``): its subscription settings, how a
+    subscription is made, and its events."""
+    constructor = provider.get("subscription_constructor")
+    made: Json | None = None
+    if isinstance(constructor, Mapping):
+        made = {
+            "parameters": [_event_parameter(_map(p)) for p in _list(constructor.get("parameters"))],
+            "credentials_schema": _configs(constructor.get("credentials_schema")),
+        }
+        if isinstance(constructor.get("oauth_schema"), Mapping):
+            made["oauth_schema"] = _oauth_schema(constructor["oauth_schema"])
+    events = []
+    for event in _inline(provider.get("events"), reader):
+        entry: Json = {
+            "identity": _item_identity(event),
+            "parameters": [_event_parameter(_map(p)) for p in _list(event.get("parameters"))],
+            "description": i18n(event.get("description")),
+        }
+        events.append(_with_output_schema(entry, event))
+    return {
+        "identity": _provider_identity(provider, icon),
+        "subscription_schema": _configs(provider.get("subscription_schema")),
+        "subscription_constructor": made,
+        "events": events,
+    }
+
+
 def plugin_declaration(
     manifest: Mapping[str, Any],
     icon: Icon,
@@ -393,6 +499,8 @@ def plugin_declaration(
     models: list[Any] | None = None,
     agent_strategies: list[Any] | None = None,
     endpoints: list[Any] | None = None,
+    datasources: list[Any] | None = None,
+    triggers: list[Any] | None = None,
 ) -> Json:
     """The whole declaration. Providers come from the files the manifest names (``reader``) or,
     for a remote plugin, from the declarations its SDK sent (``tools``, ``models``, ...)."""
@@ -456,6 +564,17 @@ def plugin_declaration(
     endpoint_sources = [reader.yaml(f) for f in out["plugins"]["endpoints"]] if reader else _list(endpoints)
     if endpoint_sources:
         out["endpoint"] = endpoint_provider(_map(endpoint_sources[-1]), reader)
+    datasource_sources = (
+        [reader.yaml(f) for f in out["plugins"]["datasources"]] if reader else _list(datasources)
+    )
+    if datasource_sources:
+        out["datasource"] = datasource_provider(_map(datasource_sources[-1]), reader, icon)
+    trigger_sources = [reader.yaml(f) for f in out["plugins"]["triggers"]] if reader else _list(triggers)
+    if trigger_sources:
+        out["trigger"] = trigger = trigger_provider(_map(trigger_sources[-1]), reader, icon)
+        if not trigger["identity"]["description"]["en_US"]:
+            trigger["identity"]["description"] = out["description"]
+        trigger["identity"]["tags"] = trigger["identity"]["tags"] or out["tags"]
     return out
 
 

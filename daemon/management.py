@@ -3,8 +3,9 @@
 Every plugin in the plugins directory counts as installed for every tenant: the daemon does
 not install per tenant. A remote-debug plugin counts for its key's tenant only, while it is
 connected. Served: ``management/list``, ``tools``, ``tool``, ``tools/check_existence``,
-``models``, ``agent_strategies``, ``agent_strategy`` and ``installation/ids`` with upstream's
-parameters and shapes (``internal/service/manage_plugin.go`` in langgenius/dify-plugin-daemon),
+``models``, ``agent_strategies``, ``agent_strategy``, ``datasources``, ``datasource``,
+``triggers``, ``trigger`` and ``installation/ids`` with upstream's parameters and shapes
+(``internal/service/manage_plugin.go`` and ``trigger.go`` in langgenius/dify-plugin-daemon),
 and ``asset/{id}``.
 """
 
@@ -147,6 +148,8 @@ def remote_declaration(plugin: Any) -> Declared | None:
                 models=sent.get("models"),
                 agent_strategies=sent.get("agent_strategies"),
                 endpoints=sent.get("endpoints"),
+                datasources=sent.get("datasources"),
+                triggers=sent.get("triggers"),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             log.error("remote plugin %s is left out of the management routes: %s", plugin.spec.id, exc)
@@ -332,6 +335,10 @@ get_tool = route(_single("tool"))
 list_models = route(_listing("model"))
 list_agent_strategies = route(_listing("agent_strategy"))
 get_agent_strategy = route(_single("agent_strategy"))
+list_datasources = route(_listing("datasource"))
+get_datasource = route(_single("datasource"))
+list_triggers = route(_listing("trigger"))
+get_trigger = route(_single("trigger"))
 
 
 class ToolProviderId(BaseModel):
@@ -402,6 +409,10 @@ ROUTES = (
     ("models", list_models),
     ("agent_strategies", list_agent_strategies),
     ("agent_strategy", get_agent_strategy),
+    ("datasources", list_datasources),
+    ("datasource", get_datasource),
+    ("triggers", list_triggers),
+    ("trigger", get_trigger),
 )
 
 # The ones upstream serves as POST (their question is a JSON body).

@@ -25,6 +25,16 @@ def sdk_plugins_installed() -> Path:
     return PLUGINS
 
 
+@pytest.fixture(scope="session")
+def test_plugins_installed() -> Path:
+    """The test-only plugins (``tests/plugins``: a datasource and a trigger provider on the SDK),
+    their virtualenvs made once by the daemon's own installer."""
+    plugins = REPO / "tests" / "plugins"
+    install = [sys.executable, "-m", "daemon", "install", "--plugins", str(plugins)]
+    subprocess.run(install, cwd=REPO, check=True)
+    return plugins
+
+
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Start daemons on loopback; each is stopped with SIGTERM (and checked for orphans) after."""

@@ -9,6 +9,8 @@ Written here, field by field, from langgenius/dify:
 ``api/core/plugin/entities/parameters.py`` (``PluginParameter``),
 ``api/core/tools/entities/tool_entities.py`` (tool provider and tool entities),
 ``api/core/agent/plugin_entities.py`` (agent strategy entities),
+``api/core/datasource/entities/datasource_entities.py`` (``PluginDatasourceProviderEntity``'s
+declaration), ``api/core/trigger/entities/entities.py`` (``PluginTriggerProviderEntity``'s),
 ``api/core/entities/provider_entities.py`` (``ProviderConfig``), ``api/core/plugin/entities/endpoint.py``
 (endpoints) and the model runtime's
 ``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``), and
@@ -404,6 +406,163 @@ class PluginAgentProviderEntity(BaseModel):
     meta: DeclarationMeta
 
 
+class OAuthSchema(BaseModel):
+    client_schema: list[ProviderConfig] = Field(default_factory=list)
+    credentials_schema: list[ProviderConfig] = Field(default_factory=list)
+
+
+class DatasourceProviderType(StrEnum):
+    ONLINE_DOCUMENT = "online_document"
+    LOCAL_FILE = "local_file"
+    WEBSITE_CRAWL = "website_crawl"
+    ONLINE_DRIVE = "online_drive"
+
+
+class DatasourceParameterType(StrEnum):
+    STRING = "string"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    SELECT = "select"
+    SECRET_INPUT = "secret-input"
+    FILE = "file"
+    FILES = "files"
+    SYSTEM_FILES = "system-files"
+
+
+class DatasourceParameter(PluginParameter):
+    type: DatasourceParameterType
+    description: I18nObject
+
+
+class DatasourceIdentity(BaseModel):
+    author: str
+    name: str
+    label: I18nObject
+    provider: str  # set by the client's transformer
+    icon: str | None = None
+
+
+class DatasourceEntity(BaseModel):
+    identity: DatasourceIdentity
+    parameters: list[DatasourceParameter] = Field(default_factory=list)
+    description: I18nObject
+    output_schema: dict[str, Any] | None = None
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _parameters(cls, v: Any) -> Any:
+        return v or []
+
+
+class DatasourceProviderIdentity(BaseModel):
+    author: str
+    name: str
+    description: I18nObject
+    icon: str
+    label: I18nObject
+    tags: list[ToolLabel] | None = []
+
+
+class DatasourceProviderEntity(BaseModel):
+    identity: DatasourceProviderIdentity
+    credentials_schema: list[ProviderConfig] = Field(default_factory=list)
+    oauth_schema: OAuthSchema | None = None
+    provider_type: DatasourceProviderType
+
+
+class DatasourceProviderEntityWithPlugin(DatasourceProviderEntity):
+    datasources: list[DatasourceEntity] = Field(default_factory=list)
+
+
+class PluginDatasourceProviderEntity(BaseModel):
+    provider: str
+    plugin_unique_identifier: str
+    plugin_id: str
+    is_authorized: bool = False
+    declaration: DatasourceProviderEntityWithPlugin
+
+
+class EventParameterType(StrEnum):
+    STRING = "string"
+    NUMBER = "number"
+    BOOLEAN = "boolean"
+    SELECT = "select"
+    FILE = "file"
+    FILES = "files"
+    MODEL_SELECTOR = "model-selector"
+    APP_SELECTOR = "app-selector"
+    OBJECT = "object"
+    ARRAY = "array"
+    DYNAMIC_SELECT = "dynamic-select"
+    CHECKBOX = "checkbox"
+
+
+class EventParameter(BaseModel):
+    name: str
+    label: I18nObject
+    type: EventParameterType
+    auto_generate: dict[str, Any] | None = None
+    template: dict[str, Any] | None = None
+    scope: str | None = None
+    required: bool | None = False
+    multiple: bool | None = False
+    default: int | float | str | list[Any] | None = None
+    min: float | int | None = None
+    max: float | int | None = None
+    precision: int | None = None
+    options: list[ParameterOption] | None = None
+    description: I18nObject | None = None
+
+
+class TriggerProviderIdentity(BaseModel):
+    author: str
+    name: str
+    label: I18nObject
+    description: I18nObject
+    icon: str | None = None
+    icon_dark: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class EventIdentity(BaseModel):
+    author: str
+    name: str
+    label: I18nObject
+    provider: str | None = None
+
+
+class EventEntity(BaseModel):
+    identity: EventIdentity
+    parameters: list[EventParameter] = Field(default_factory=list)
+    description: I18nObject
+    output_schema: Mapping[str, Any] | None = None
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _parameters(cls, v: Any) -> Any:
+        return v or []
+
+
+class SubscriptionConstructor(BaseModel):
+    parameters: list[EventParameter] = Field(default_factory=list)
+    credentials_schema: list[ProviderConfig] = Field(default_factory=list)
+    oauth_schema: OAuthSchema | None = None
+
+
+class TriggerProviderEntity(BaseModel):
+    identity: TriggerProviderIdentity
+    subscription_schema: list[ProviderConfig] = Field(default_factory=list)
+    subscription_constructor: SubscriptionConstructor | None = None
+    events: list[EventEntity] = Field(default_factory=list)
+
+
+class PluginTriggerProviderEntity(BaseModel):
+    provider: str
+    plugin_unique_identifier: str
+    plugin_id: str
+    declaration: TriggerProviderEntity
+
+
 class PluginCategory(StrEnum):
     TOOL = "tool"
     MODEL = "model"
@@ -445,6 +604,7 @@ class PluginDeclaration(BaseModel):
     model: ProviderEntity | None = None
     agent_strategy: AgentStrategyProviderEntity | None = None
     endpoint: EndpointProviderDeclaration | None = None
+    datasource: DatasourceProviderEntity | None = None  # the provider only, as for tools
     meta: DeclarationMeta
 
     @field_validator("version")

@@ -19,10 +19,11 @@ import psutil
 import pytest
 
 from daemon.packages import build
-from daemon.testing import PLUGINS, Daemon, alive, parse_sse, start_daemon
+from daemon.testing import PLUGINS, REPO, Daemon, alive, parse_sse, start_daemon
 from tests import dify_client
 from tests import dify_entities as dify
 from tests.postgres import PostgresServer
+from tests.test_management import datasource_providers, trigger_providers
 
 FASTPROTO = "demo/fastproto"
 NOTES = "demo/notes"
@@ -228,6 +229,35 @@ def test_dify_installs_lists_invokes_and_uninstalls_a_packaged_sdk_plugin(
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not folder.exists()
     assert api.uninstall(entry.id) is True  # already uninstalled: upstream answers true
+
+
+def test_installed_datasource_and_trigger_plugins_are_listed_for_their_tenant(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Packaged datasource and trigger plugins (``tests/plugins``) installed for one tenant: its
+    ``datasources`` and ``triggers`` list them under their package identifiers, as Dify reads them."""
+    api = Api(daemon, "tenant-a")
+    built = {
+        name: build(REPO / "tests" / "plugins" / name, tmp_path / f"{name}.difypkg")[0].read_bytes()
+        for name in ("web_pages", "webhook_events")
+    }
+    identifiers = {name: api.upload(data) for name, data in built.items()}
+    api.installed(*identifiers.values())
+
+    (datasource,) = datasource_providers(daemon, api.client, "tenant-a")
+    assert (datasource.plugin_id, datasource.provider) == ("demo/web_pages", "web_pages")
+    assert datasource.plugin_unique_identifier == identifiers["web_pages"]
+    assert [d.identity.name for d in datasource.declaration.datasources] == ["crawl"]
+    (trigger,) = trigger_providers(daemon, api.client, "tenant-a")
+    assert (trigger.plugin_id, trigger.provider) == ("demo/webhook_events", "webhook_events")
+    assert trigger.plugin_unique_identifier == identifiers["webhook_events"]
+    assert [e.identity.name for e in trigger.declaration.events] == ["received"]
+    one = api.call(
+        "GET", "trigger", params={"plugin_id": "demo/webhook_events", "provider": "webhook_events"}
+    )
+    assert one["plugin_unique_identifier"] == identifiers["webhook_events"] and one["tenant_id"] == "tenant-a"
+    assert datasource_providers(daemon, api.client, "tenant-b") == []
+    assert trigger_providers(daemon, api.client, "tenant-b") == []
 
 
 def test_two_tenants_share_one_runtime_and_an_uninstall_keeps_it_for_the_other(

@@ -17,6 +17,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from daemon.declarations import asset_id
+from daemon.management import POST_ROUTES, ROUTES
 from daemon.testing import PLUGINS, Daemon, free_port, start_daemon
 from tests import dify_client as dify
 from tests import dify_entities as dify_entities
@@ -27,16 +28,34 @@ MODELS = "demo/echo_models"
 AGENT = "demo/echo_agent"
 ENDPOINTS = "demo/echo_endpoints"
 REMOTE = "demo/notes_remote"
+DATASOURCE = "demo/web_pages"
+TRIGGER = "demo/webhook_events"
+ROUTE_OF = dict((*ROUTES, *POST_ROUTES))
+
+
+def start_with_remote(plugins: Path, tmp: Path) -> Daemon:
+    """A daemon over ``plugins`` whose remote-debug port the tests know (``remote_port``)."""
+    port = free_port()
+    started = start_daemon(plugins, tmp / "state", tmp / "daemon.log", plugin_remote_installing_port=port)
+    started.remote_port = port  # type: ignore[attr-defined]
+    return started
+
+
+def remote_env(daemon: Daemon, client: httpx.Client, tenant: str) -> dict[str, str]:
+    """The environment that makes an SDK plugin connect to ``daemon`` for ``tenant``."""
+    response = client.post(f"{daemon.url}/plugin/{tenant}/debugging/key", headers={"X-Api-Key": daemon.key})
+    return {
+        "PATH": os.environ["PATH"],
+        "INSTALL_METHOD": "remote",
+        "REMOTE_INSTALL_URL": f"127.0.0.1:{daemon.remote_port}",  # type: ignore[attr-defined]
+        "REMOTE_INSTALL_KEY": response.json()["data"]["key"],
+        "HEARTBEAT_INTERVAL": "1",
+    }
 
 
 @pytest.fixture(scope="module")
 def daemon(sdk_plugins_installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    tmp = tmp_path_factory.mktemp("management")
-    port = free_port()
-    started = start_daemon(
-        sdk_plugins_installed, tmp / "state", tmp / "daemon.log", plugin_remote_installing_port=port
-    )
-    started.remote_port = port  # type: ignore[attr-defined]
+    started = start_with_remote(sdk_plugins_installed, tmp_path_factory.mktemp("management"))
     yield started
     started.stop()
 
@@ -53,13 +72,27 @@ def get(daemon: Daemon, client: httpx.Client, tenant: str, path: str, **params: 
     return dify.request(client, "GET", url, {"X-Api-Key": daemon.key}, params=params)
 
 
-def tool_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
-    """``PluginToolManager.fetch_tool_providers``: its transformer, then its pydantic model."""
-    data = get(daemon, client, tenant, "tools", page=1, page_size=256)
+def providers_as_dify_reads_them(
+    daemon: Daemon, client: httpx.Client, tenant: str, path: str, items: str, entity: Any, by_id: bool = False
+) -> list[Any]:
+    """A provider listing as Dify's client fetches it: the first page of 256, its transformer
+    (each item's ``identity.provider`` set to the provider's name, or ``plugin_id/provider``
+    when ``by_id``), then its pydantic model."""
+    data = get(daemon, client, tenant, path, page=1, page_size=256)
     for provider in data:
-        for tool in provider["declaration"]["tools"]:
-            tool["identity"]["provider"] = provider["declaration"]["identity"]["name"]
-    return TypeAdapter(list[dify_entities.PluginToolProviderEntity]).validate_python(data)
+        name = provider["declaration"]["identity"]["name"]
+        for item in provider["declaration"][items]:
+            item["identity"]["provider"] = (
+                f"{provider['plugin_id']}/{provider['provider']}" if by_id else name
+            )
+    return TypeAdapter(list[entity]).validate_python(data)
+
+
+def tool_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
+    """``PluginToolManager.fetch_tool_providers``."""
+    return providers_as_dify_reads_them(
+        daemon, client, tenant, "tools", "tools", dify_entities.PluginToolProviderEntity
+    )
 
 
 def plugin_list(daemon: Daemon, client: httpx.Client, tenant: str, **params: Any) -> Any:
@@ -219,7 +252,7 @@ def test_the_plugin_list_pages_and_parses_as_dify_reads_it(daemon: Daemon, clien
         {"page": "x", "page_size": 1},
     ],
 )
-@pytest.mark.parametrize("path", ["list", "tools", "models", "agent_strategies"])
+@pytest.mark.parametrize("path", ["list", "tools", "models", "agent_strategies", "datasources", "triggers"])
 def test_paging_is_required_and_bounded_as_upstream_binds_it(
     daemon: Daemon, client: httpx.Client, path: str, params: dict[str, Any]
 ) -> None:
@@ -232,8 +265,12 @@ def test_paging_is_required_and_bounded_as_upstream_binds_it(
 
 
 def test_management_routes_need_the_key(daemon: Daemon, client: httpx.Client) -> None:
-    for path in ("list", "tools", "tool", "models", "agent_strategies", "agent_strategy", "installation/ids"):
-        r = client.get(f"{daemon.url}/plugin/t1/management/{path}", params={"page": 1, "page_size": 1})
+    for path in (*(p for p, _ in ROUTES), *(p for p, _ in POST_ROUTES)):
+        r = client.request(
+            "POST" if (path, ROUTE_OF[path]) in POST_ROUTES else "GET",
+            f"{daemon.url}/plugin/t1/management/{path}",
+            params={"page": 1, "page_size": 1},
+        )
         assert r.status_code == 401, path
 
 
@@ -252,18 +289,8 @@ def remote_copy(tmp: Path) -> Path:
 def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
     daemon: Daemon, client: httpx.Client, tmp_path: Path
 ) -> None:
-    key_response = client.post(
-        f"{daemon.url}/plugin/tenant-a/debugging/key", headers={"X-Api-Key": daemon.key}
-    )
-    key = key_response.json()["data"]["key"]
     copy = remote_copy(tmp_path)
-    env = {
-        "PATH": os.environ["PATH"],
-        "INSTALL_METHOD": "remote",
-        "REMOTE_INSTALL_URL": f"127.0.0.1:{daemon.remote_port}",  # type: ignore[attr-defined]
-        "REMOTE_INSTALL_KEY": key,
-        "HEARTBEAT_INTERVAL": "1",
-    }
+    env = remote_env(daemon, client, "tenant-a")
     python = PLUGINS / "notes" / ".venv" / "bin" / "python"
     plugin = subprocess.Popen([str(python), "-m", "main"], cwd=copy, env=env, stdout=subprocess.DEVNULL)
     # A model provider too, under the id of a local plugin: for tenant-a the remote one replaces it.
@@ -313,3 +340,183 @@ def test_a_remote_plugin_is_listed_for_its_tenant_while_connected(
             process.wait()
     wait_for(lambda: REMOTE not in runtime_types("tenant-a") and runtime_types("tenant-a")[MODELS] == "local")
     assert REMOTE not in get(daemon, client, "tenant-a", "installation/ids", category="tool")["plugin_ids"]
+
+
+# Datasource and trigger providers: the test-only plugins of tests/plugins, on the SDK.
+
+
+@pytest.fixture(scope="module")
+def kinds_daemon(test_plugins_installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    started = start_with_remote(test_plugins_installed, tmp_path_factory.mktemp("management-kinds"))
+    started.wait_ready(DATASOURCE, TRIGGER)
+    yield started
+    started.stop()
+
+
+def datasource_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
+    """``PluginDatasourceManager.fetch_datasource_providers`` (before it adds Dify's own local-file one)."""
+    return providers_as_dify_reads_them(
+        daemon, client, tenant, "datasources", "datasources", dify_entities.PluginDatasourceProviderEntity
+    )
+
+
+def trigger_providers(daemon: Daemon, client: httpx.Client, tenant: str) -> list[Any]:
+    """``PluginTriggerClient.fetch_trigger_providers``."""
+    return providers_as_dify_reads_them(
+        daemon, client, tenant, "triggers", "events", dify_entities.PluginTriggerProviderEntity, by_id=True
+    )
+
+
+def plugin_root(name: str) -> Path:
+    return Path(__file__).parent / "plugins" / name
+
+
+def test_datasource_providers_parse_as_dify_reads_them(kinds_daemon: Daemon, client: httpx.Client) -> None:
+    [pages] = datasource_providers(kinds_daemon, client, "t1")
+    assert pages.plugin_id == DATASOURCE and pages.provider == "web_pages"
+    assert pages.plugin_unique_identifier.startswith(f"{DATASOURCE}:0.1.0@")
+    declaration = pages.declaration
+    assert declaration.provider_type == dify_entities.DatasourceProviderType.WEBSITE_CRAWL
+    assert declaration.identity.tags == ["search", "utilities"]
+    icon = (plugin_root("web_pages") / "_assets" / "icon.svg").read_bytes()
+    assert declaration.identity.icon == asset_id("icon.svg", icon)
+    assert [(c.name, c.type, c.required) for c in declaration.credentials_schema] == [
+        ("api_key", "secret-input", False)
+    ]
+    [crawl] = declaration.datasources
+    assert (crawl.identity.name, crawl.identity.provider) == ("crawl", "web_pages")
+    assert crawl.identity.icon == declaration.identity.icon
+    assert [(p.name, p.type, p.required, p.default) for p in crawl.parameters] == [
+        ("url", "string", True, None),
+        ("limit", "number", False, 10),
+    ]
+    assert crawl.parameters[0].description.en_US == "The address to crawl."
+    assert crawl.output_schema == {"type": "object", "properties": {"pages": {"type": "integer"}}}
+
+    # ``fetch_datasource_provider``: the same provider, asked for by plugin id and name.
+    one = get(kinds_daemon, client, "t1", "datasource", plugin_id=DATASOURCE, provider="web_pages")
+    for datasource in one["declaration"]["datasources"]:
+        datasource["identity"]["provider"] = "web_pages"
+    assert dify_entities.PluginDatasourceProviderEntity.model_validate(one).model_dump() == pages.model_dump()
+    assert one["tenant_id"] == "t1" and one["id"] and one["created_at"]
+    for plugin_id, provider in (
+        (DATASOURCE, "crawl"),
+        ("demo/none", "web_pages"),
+        (TRIGGER, "webhook_events"),
+    ):
+        with pytest.raises(dify.PluginNotFoundError):
+            get(kinds_daemon, client, "t1", "datasource", plugin_id=plugin_id, provider=provider)
+    with pytest.raises(dify.PluginDaemonClientSideError, match="provider"):
+        get(kinds_daemon, client, "t1", "datasource", plugin_id=DATASOURCE)
+
+
+def test_trigger_providers_parse_as_dify_reads_them(kinds_daemon: Daemon, client: httpx.Client) -> None:
+    [hooks] = trigger_providers(kinds_daemon, client, "t1")
+    assert hooks.plugin_id == TRIGGER and hooks.provider == "webhook_events"
+    declaration = hooks.declaration
+    identity = declaration.identity
+    # Declared with an empty description: it takes the plugin's, as upstream fills it in.
+    manifest = yaml.safe_load((plugin_root("webhook_events") / "manifest.yaml").read_text())
+    assert identity.description.en_US == manifest["description"]["en_US"]
+    icon = (plugin_root("webhook_events") / "_assets" / "icon.svg").read_bytes()
+    assert identity.icon == identity.icon_dark == asset_id("icon.svg", icon)
+    assert [(c.name, c.type) for c in declaration.subscription_schema] == [("secret", "secret-input")]
+    constructor = declaration.subscription_constructor
+    assert constructor is not None
+    [topic] = constructor.parameters
+    assert (topic.name, topic.type, topic.required, topic.default) == ("topic", "select", True, "all")
+    assert [o.value for o in topic.options or []] == ["all", "orders"]
+    assert [(c.name, c.required) for c in constructor.credentials_schema] == [("token", True)]
+    [received] = declaration.events
+    assert received.identity.name == "received"
+    assert received.identity.provider == f"{TRIGGER}/webhook_events"
+    assert [(p.name, p.type, p.required) for p in received.parameters] == [("field", "string", False)]
+    assert received.output_schema == {"type": "object"}
+
+    one = get(kinds_daemon, client, "t1", "trigger", plugin_id=TRIGGER, provider="webhook_events")
+    for event in one["declaration"]["events"]:  # ``fetch_trigger_provider``'s transformer
+        event["identity"]["provider"] = f"{TRIGGER}/webhook_events"
+    assert dify_entities.PluginTriggerProviderEntity.model_validate(one).model_dump() == hooks.model_dump()
+    for plugin_id, provider in (
+        (TRIGGER, "received"),
+        ("demo/none", "webhook_events"),
+        (DATASOURCE, "web_pages"),
+    ):
+        with pytest.raises(dify.PluginNotFoundError):
+            get(kinds_daemon, client, "t1", "trigger", plugin_id=plugin_id, provider=provider)
+
+
+def test_the_plugin_list_shows_datasource_and_trigger_plugins(
+    kinds_daemon: Daemon, client: httpx.Client
+) -> None:
+    listed = {p.plugin_id: p for p in plugin_list(kinds_daemon, client, "t1").list}
+    assert set(listed) == {DATASOURCE, TRIGGER}
+    assert listed[DATASOURCE].declaration.category == "datasource"
+    assert listed[TRIGGER].declaration.category == "trigger"
+    datasource = listed[DATASOURCE].declaration.datasource
+    assert datasource is not None and datasource.identity.name == "web_pages"
+    for category, plugin_id in (("datasource", DATASOURCE), ("trigger", TRIGGER)):
+        ids = get(kinds_daemon, client, "t1", "installation/ids", category=category)
+        assert dify_entities.InstalledIds.model_validate(ids).plugin_ids == [plugin_id]
+
+
+def test_without_such_plugins_the_lists_are_empty(daemon: Daemon, client: httpx.Client) -> None:
+    assert get(daemon, client, "t1", "datasources", page=1, page_size=256) == []
+    assert get(daemon, client, "t1", "triggers", page=1, page_size=256) == []
+    with pytest.raises(dify.PluginNotFoundError):  # a tool plugin is not a trigger provider
+        get(daemon, client, "t1", "trigger", plugin_id="demo/notes", provider="notes")
+
+
+def test_paging_of_datasources_and_triggers(kinds_daemon: Daemon, client: httpx.Client) -> None:
+    for path in ("datasources", "triggers"):
+        assert len(get(kinds_daemon, client, "t1", path, page=1, page_size=1)) == 1
+        assert get(kinds_daemon, client, "t1", path, page=2, page_size=1) == []
+
+
+def test_remote_datasource_and_trigger_plugins_are_listed_for_their_tenant(
+    kinds_daemon: Daemon, client: httpx.Client
+) -> None:
+    """The SDK registers a datasource-only or trigger-only plugin over remote debugging; its
+    tenant sees the declarations the SDK sent, parsed as Dify parses them, and nobody else does."""
+    env = remote_env(kinds_daemon, client, "tenant-a")
+    processes = [
+        subprocess.Popen(
+            [str(plugin_root(name) / ".venv" / "bin" / "python"), "-m", "main"],
+            cwd=plugin_root(name),
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        for name in ("web_pages", "webhook_events")
+    ]
+
+    def runtime_types(tenant: str) -> dict[str, str]:
+        return {p.plugin_id: p.runtime_type for p in plugin_list(kinds_daemon, client, tenant).list}
+
+    local_datasource = datasource_providers(kinds_daemon, client, "tenant-b")
+    local_trigger = trigger_providers(kinds_daemon, client, "tenant-b")
+    try:
+        wait_for(lambda: runtime_types("tenant-a") == {DATASOURCE: "remote", TRIGGER: "remote"})
+        assert runtime_types("tenant-b") == {DATASOURCE: "local", TRIGGER: "local"}
+        [remote_datasource] = datasource_providers(kinds_daemon, client, "tenant-a")
+        [remote_trigger] = trigger_providers(kinds_daemon, client, "tenant-a")
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    # What the SDK sent describes the same providers the files do (the SDK fills in every language).
+    for remote, [local] in ((remote_datasource, local_datasource), (remote_trigger, local_trigger)):
+        assert remote.provider == local.provider
+        assert remote.plugin_unique_identifier != local.plugin_unique_identifier
+        assert english(remote.declaration.model_dump()) == english(local.declaration.model_dump())
+    wait_for(lambda: runtime_types("tenant-a") == {DATASOURCE: "local", TRIGGER: "local"})
+
+
+def english(value: Any) -> Any:
+    """A declaration with each I18nObject cut to its ``en_US``."""
+    if isinstance(value, dict):
+        if "en_US" in value and set(value) <= {"en_US", "zh_Hans", "pt_BR", "ja_JP"}:
+            return value["en_US"]
+        return {k: english(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [english(v) for v in value]
+    return value

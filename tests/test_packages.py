@@ -368,6 +368,26 @@ def test_the_declaration_inlines_provider_and_tool_files(
     assert agent["category"] == "agent-strategy" and agent["agent_strategy"]["strategies"]
 
 
+def test_datasource_and_trigger_packages_inline_their_datasources_and_events(
+    daemons: dict[str, Daemon], tmp_path: Path
+) -> None:
+    """A trigger provider names its event files under ``events``, a datasource provider its
+    datasource files under ``datasources``: both come back read, as upstream inlines them."""
+    test_plugins = REPO / "tests" / "plugins"
+    manifests = {
+        name: upload(
+            daemons["open"], build(test_plugins / name, tmp_path / f"{name}.difypkg")[0].read_bytes()
+        ).json()["data"]["manifest"]
+        for name in ("web_pages", "webhook_events")
+    }
+    datasource = manifests["web_pages"]
+    assert datasource["category"] == "datasource"
+    assert [d["identity"]["name"] for d in datasource["datasource"]["datasources"]] == ["crawl"]
+    trigger = manifests["webhook_events"]
+    assert trigger["category"] == "trigger"
+    assert [e["identity"]["name"] for e in trigger["trigger"]["events"]] == ["received"]
+
+
 def test_an_unsigned_package_is_refused_by_default_and_when_verification_is_requested(
     packages: dict[str, Path], daemons: dict[str, Daemon]
 ) -> None:

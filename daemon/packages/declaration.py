@@ -28,7 +28,7 @@ _KINDS = (
     ("endpoints", "endpoint", "endpoints", "endpoints"),
     ("agent_strategies", "agent_strategy", "strategies", "strategies"),
     ("datasources", "datasource", "datasources", "datasources"),
-    ("triggers", "trigger", "triggers", "triggers"),
+    ("triggers", "trigger", "events", "events"),  # a trigger provider lists its events
 )
 
 

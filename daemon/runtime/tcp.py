@@ -172,7 +172,9 @@ def spec_from_declaration(
             tools[tool_name] = ToolSpec(tool_name, parameters, compiled)
         providers[name] = ProviderSpec(name, tools)
     if not providers and not other_providers:
-        raise ManifestError(f"{where}: declares no tool, model or agent-strategy providers")
+        raise ManifestError(
+            f"{where}: declares no providers (tool, model, agent strategy, datasource, trigger or endpoint)"
+        )
     runner = (manifest.get("meta") or {}).get("runner") or {}
     return PluginSpec(
         path=path,
@@ -363,7 +365,7 @@ class RemoteDebugging:
         assets: dict[str, bytearray] = {}
         asset_bytes = 0
         early: list[bytes] = []
-        declared: dict[str, Any] = {}  # model and agent-strategy providers, for the management routes
+        declared: dict[str, Any] = {}  # the other providers (models, ...), for the management routes
         while True:
             line = await self._line(reader)
             if not line.strip():
@@ -407,7 +409,10 @@ class RemoteDebugging:
                 declared["agent_strategies"] = data
             elif kind == "endpoint_declaration" and isinstance(data, list):
                 declared["endpoints"] = data
-            # other declarations (datasources, ...) describe what this daemon does not list
+            elif kind == "datasource_declaration" and isinstance(data, list):
+                declared["datasources"] = data
+            elif kind == "trigger_declaration" and isinstance(data, list):
+                declared["triggers"] = data
 
     async def _line(self, reader: asyncio.StreamReader) -> bytes:
         try:

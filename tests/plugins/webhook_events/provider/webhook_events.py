@@ -1,0 +1,39 @@
+"""Provider of webhook_events: every request is one ``received`` event; subscriptions are local."""
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dify_plugin.entities.provider_config import CredentialType
+from dify_plugin.entities.trigger import EventDispatch, Subscription, UnsubscribeResult
+from dify_plugin.interfaces.trigger import Trigger, TriggerSubscriptionConstructor
+from werkzeug import Request, Response
+
+
+class WebhookEventsTrigger(Trigger):
+    def _dispatch_event(self, subscription: Subscription, request: Request) -> EventDispatch:
+        payload = request.get_json(silent=True) or {}
+        return EventDispatch(events=["received"], response=Response("ok"), payload=payload)
+
+
+class WebhookEventsSubscriptions(TriggerSubscriptionConstructor):
+    def _create_subscription(
+        self,
+        endpoint: str,
+        parameters: Mapping[str, Any],
+        credentials: Mapping[str, Any],
+        credential_type: CredentialType,
+    ) -> Subscription:
+        return Subscription(
+            expires_at=int(time.time()) + 3600, endpoint=endpoint, parameters=parameters, properties={}
+        )
+
+    def _delete_subscription(
+        self, subscription: Subscription, credentials: Mapping[str, Any], credential_type: CredentialType
+    ) -> UnsubscribeResult:
+        return UnsubscribeResult(success=True, message="removed")
+
+    def _refresh_subscription(
+        self, subscription: Subscription, credentials: Mapping[str, Any], credential_type: CredentialType
+    ) -> Subscription:
+        return subscription.model_copy(update={"expires_at": int(time.time()) + 3600})
