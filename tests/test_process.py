@@ -133,3 +133,40 @@ def test_a_plugins_pipes_are_closed_once_by_their_one_owner(
     assert len(probes) == 2
     assert [probe.found_taken for probe in probes] == [False, False]
     assert [_open_on(probe.inode) for probe in probes] == [[], []]  # nothing left open either
+
+
+class _ReleaseFails:
+    """An instance's resources whose release fails: a cgroup read back as something else."""
+
+    def wrap(self, command: list[str]) -> list[str]:
+        return command
+
+    def exit_cause(self, exit_code: int) -> str | None:
+        return None
+
+    def release(self) -> None:
+        raise ValueError("invalid literal for int() with base 10: 'POST'")
+
+
+def test_an_instance_whose_resources_fail_to_release_still_ends(tmp_path: Path) -> None:
+    """The end of an instance resolves ``exited`` whatever releasing its resources does: the
+    pool restarts the slot on it, and a slot whose end never resolved stayed 'ready' forever."""
+    (tmp_path / "quick_exit.py").write_text("print('bye')\n")
+    spec = PluginSpec(tmp_path, "test", "quick", "0.1.0", "3.12", "quick_exit")
+    closed: list[str] = []
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        transport = ProcessTransport(
+            spec,
+            "quick",
+            python=Path(sys.executable),
+            max_line_bytes=1 << 20,
+            loop=loop,
+            resources=_ReleaseFails(),  # type: ignore[arg-type]
+        )
+        await transport.start(lambda lines: None, closed.append)
+        assert "exited" in await asyncio.wait_for(asyncio.shield(transport.exited), 30)
+
+    uvloop.run(body())
+    assert len(closed) == 1 and "exited" in closed[0]

@@ -350,7 +350,10 @@ class ProcessTransport:
             on_close(outcome)
         finally:
             if self.resources is not None:
-                self.resources.release()  # after the sessions have their error, before a restart
+                try:
+                    self.resources.release()  # after the sessions have their error, before a restart
+                except Exception:  # the process is gone all the same: its slot must learn it
+                    log.exception("plugin %s: releasing its resources failed", self.name)
             with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
                 self._loop.call_soon_threadsafe(self._set_exited, outcome)
 
