@@ -34,6 +34,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
+
+import uvloop
 
 from daemon.errors import INSTANCE_DIED
 from daemon.manifest import PluginSpec
@@ -63,6 +66,24 @@ def plugin_environment(venv_python: Path) -> dict[str, str]:
         if name in os.environ:
             env[name] = os.environ[name]
     return env
+
+
+def handed_to_transport(loop: asyncio.AbstractEventLoop, pipe: IO[bytes]) -> IO[bytes]:
+    """``pipe`` as ``loop``'s pipe transport must get it for its descriptor to be closed once.
+
+    uvloop's pipe transport closes the descriptor through libuv, then calls the file object's
+    ``close()`` as well (MagicStack/uvloop#763). A number that another thread was handed in
+    between (the thread that reaps an instance opens its cgroup files) is closed under that
+    thread, which then closes whatever holds the number next: a pipe or a socket libuv watches,
+    and libuv aborts the daemon (SIGABRT, no message) when it finds one of its descriptors closed.
+    So libuv gets a duplicate to close alone, behind a file object that does not close it, and
+    the original is closed here, once. The stdlib loop closes a pipe only through its file object.
+    """
+    if not isinstance(loop, uvloop.Loop):
+        return pipe
+    duplicate = os.dup(pipe.fileno())
+    pipe.close()
+    return open(duplicate, pipe.mode, buffering=0, closefd=False)
 
 
 class _FlowControl(asyncio.Protocol):
@@ -256,13 +277,14 @@ class ProcessTransport:
         )
         self.pid = self._proc.pid
         try:
-            self._stdin, self._flow = await self._loop.connect_write_pipe(_FlowControl, self._proc.stdin)
+            stdin = handed_to_transport(self._loop, self._proc.stdin)
+            self._stdin, self._flow = await self._loop.connect_write_pipe(_FlowControl, stdin)
             self._stdin.set_write_buffer_limits(high=WRITE_HIGH_WATER)
             threading.Thread(target=self._read_stderr, name=f"stderr {self.name}", daemon=True).start()
-            # The pipe transport owns the file object from here on (and closes it).
+            # The pipe transport owns the descriptor from here on (and closes it).
             self._stdout, _ = await self._loop.connect_read_pipe(
                 lambda: _StdoutReader(self, on_lines, lambda reason: self._end(reason, on_close)),
-                self._proc.stdout,
+                handed_to_transport(self._loop, self._proc.stdout),
             )
         except BaseException:
             self.kill("failed to start its reader")
@@ -328,7 +350,10 @@ class ProcessTransport:
             on_close(outcome)
         finally:
             if self.resources is not None:
-                self.resources.release()  # after the sessions have their error, before a restart
+                try:
+                    self.resources.release()  # after the sessions have their error, before a restart
+                except Exception:  # the process is gone all the same: its slot must learn it
+                    log.exception("plugin %s: releasing its resources failed", self.name)
             with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
                 self._loop.call_soon_threadsafe(self._set_exited, outcome)
 
