@@ -89,18 +89,29 @@ _set_item = dict.__setitem__  # a Context refuses item assignment; a new one is 
 _KEY_SETS: list[tuple[str, ...]] = []
 _KEY_INDEX: dict[tuple[str, ...], int] = {}
 _MAX_KEY_SETS = 1024
+_KEY_LOCK = threading.Lock()
 LOW_64_BITS = (1 << 64) - 1  # a trace id is kept as its high and low 64 bits
 
 
 def key_set(keys: tuple[str, ...]) -> int | tuple[str, ...]:
-    """How a kept span names its attribute keys: an index in the shared sets, if it fits."""
+    """How a kept span names its attribute keys: an index in the shared sets, if it fits.
+
+    New sets are registered under a lock: spans end on several threads (the SDK's, the
+    reaping threads'), and two sets appended at once must not both take the last index.
+    """
     index = _KEY_INDEX.get(keys)
     if index is not None:
         return index
-    if len(_KEY_SETS) >= _MAX_KEY_SETS:
-        return keys
-    _KEY_SETS.append(keys)
-    return _KEY_INDEX.setdefault(keys, len(_KEY_SETS) - 1)
+    with _KEY_LOCK:
+        index = _KEY_INDEX.get(keys)
+        if index is not None:
+            return index
+        if len(_KEY_SETS) >= _MAX_KEY_SETS:
+            return keys
+        index = len(_KEY_SETS)
+        _KEY_SETS.append(keys)  # before the index is published: a reader of one finds the set
+        _KEY_INDEX[keys] = index
+        return index
 
 
 def pack(fields: Sequence[Any]) -> bytes:

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from daemon import spans
 from daemon.spans import LeanSpan, LeanTracerProvider, fixed_decision, key_set, record
 from daemon.tracing import BATCH, ServerSpans, SpanRing
 
@@ -243,3 +244,33 @@ def test_the_ring_keeps_values_json_cannot_carry_as_they_are_and_whole_trace_ids
     assert first.trace_id == format((1 << 127) | 5, "032x")
     assert dict(first.attributes) == {"big": str(1 << 70), "text": "a?b", "n": 7}
     assert dict(second.attributes) == {"big": str(-(1 << 65)), "ok": "plain"}
+
+
+def test_key_sets_registered_by_two_threads_at_once_each_keep_their_own_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A span ending on another thread registers its key set while this one is registering."""
+    first, second = ("concurrent.first",), ("concurrent.second",)
+    other_registered = threading.Event()
+    indexes: dict[tuple[str, ...], int | tuple[str, ...]] = {}
+    others: list[threading.Thread] = []
+
+    def register(keys: tuple[str, ...]) -> None:
+        indexes[keys] = key_set(keys)
+        other_registered.set()
+
+    class Interleaving(list):  # the shared list of sets, letting another thread in mid-append
+        def append(self, keys: tuple[str, ...]) -> None:
+            super().append(keys)
+            if keys == first:
+                others.append(threading.Thread(target=register, args=(second,)))
+                others[0].start()
+                other_registered.wait(timeout=1.0)  # a lock keeps it out: then it runs after
+
+    monkeypatch.setattr(spans, "_KEY_SETS", Interleaving(spans._KEY_SETS))
+    monkeypatch.setattr(spans, "_KEY_INDEX", dict(spans._KEY_INDEX))
+    indexes[first] = key_set(first)
+    others[0].join(timeout=10)
+    assert not others[0].is_alive()
+    assert spans.key_names(indexes[first]) == first
+    assert spans.key_names(indexes[second]) == second
