@@ -1,6 +1,6 @@
 """The benchmark run: micro-benchmarks, end-to-end sweeps, flame graphs, report, CI verdict.
 
-    python -m bench                 # the full run behind bench/REPORT.md (~15 min on 2 cores)
+    python -m bench                 # the full run behind bench/REPORT.md (~20 min on 2 cores)
     python -m bench --ci            # the short run CI does (< 3 min); exits 1 only if broken
                                     # or a same-run ratio is far outside its noise
 
