@@ -1,4 +1,5 @@
-"""Provider of webhook_events: every request is one ``received`` event; subscriptions are local."""
+"""Provider of webhook_events: every request is one ``received`` event, sent by the user its
+``X-Sender`` header names and answered 202 with the number of fields; subscriptions are local."""
 
 import time
 from collections.abc import Mapping
@@ -13,7 +14,9 @@ from werkzeug import Request, Response
 class WebhookEventsTrigger(Trigger):
     def _dispatch_event(self, subscription: Subscription, request: Request) -> EventDispatch:
         payload = request.get_json(silent=True) or {}
-        return EventDispatch(events=["received"], response=Response("ok"), payload=payload)
+        sender = request.headers.get("X-Sender", "")
+        reply = Response(f"ok {len(payload)}", status=202, headers={"X-Events": "received"})
+        return EventDispatch(user_id=sender, events=["received"], response=reply, payload=payload)
 
 
 class WebhookEventsSubscriptions(TriggerSubscriptionConstructor):
