@@ -17,6 +17,7 @@ declaration), ``api/core/trigger/entities/entities.py`` (``PluginTriggerProvider
 langgenius/graphon's ``llm_entities.py`` (``LLMPollingResult``, which Dify's model runtime uses);
 for dispatch answers, ``datasource_entities.py`` (``WebsiteCrawlMessage``) and
 ``api/core/plugin/entities/request.py`` (``TriggerInvokeEventResponse``, ``TriggerDispatchResponse``,
+``TriggerSubscriptionResponse``), ``PluginBasicBooleanResponse``, the trigger ``Subscription``
 whose ``response`` is read by the rules of ``api/core/plugin/utils/http_parser.py``).
 Only what decides whether a response parses is kept: required fields, types, enums, patterns
 and the ``mode="before"`` validators that repair ``null``. A response these refuse is one Dify
@@ -879,3 +880,25 @@ class TriggerDispatchResponse(BaseModel):
             return RawHTTPResponse.parse(binascii.unhexlify(value.encode()))
         except Exception as exc:
             raise ValueError("Failed to deserialize response from hex string") from exc
+
+
+class PluginBasicBooleanResponse(BaseModel):
+    """A ``validate_credentials`` answer."""
+
+    result: bool
+    credentials: dict[str, Any] | None = None
+
+
+class TriggerSubscriptionResponse(BaseModel):
+    """What ``subscribe``, ``refresh`` and ``unsubscribe`` answer."""
+
+    subscription: dict[str, Any]
+
+
+class Subscription(BaseModel):
+    """The trigger ``Subscription`` Dify stores from a ``subscribe`` or ``refresh`` answer."""
+
+    expires_at: int
+    endpoint: str
+    parameters: Mapping[str, Any] | None = None
+    properties: Mapping[str, Any]

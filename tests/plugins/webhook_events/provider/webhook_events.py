@@ -7,6 +7,7 @@ from typing import Any
 
 from dify_plugin.entities.provider_config import CredentialType
 from dify_plugin.entities.trigger import EventDispatch, Subscription, UnsubscribeResult
+from dify_plugin.errors.trigger import TriggerProviderCredentialValidationError
 from dify_plugin.interfaces.trigger import Trigger, TriggerSubscriptionConstructor
 from werkzeug import Request, Response
 
@@ -20,6 +21,10 @@ class WebhookEventsTrigger(Trigger):
 
 
 class WebhookEventsSubscriptions(TriggerSubscriptionConstructor):
+    def _validate_api_key(self, credentials: Mapping[str, Any]) -> None:
+        if not str(credentials.get("token") or "").startswith("tok-"):
+            raise TriggerProviderCredentialValidationError("the token must start with 'tok-'")
+
     def _create_subscription(
         self,
         endpoint: str,
@@ -28,13 +33,16 @@ class WebhookEventsSubscriptions(TriggerSubscriptionConstructor):
         credential_type: CredentialType,
     ) -> Subscription:
         return Subscription(
-            expires_at=int(time.time()) + 3600, endpoint=endpoint, parameters=parameters, properties={}
+            expires_at=int(time.time()) + 3600,
+            endpoint=endpoint,
+            parameters=parameters,
+            properties={"topic": parameters.get("topic", "all")},
         )
 
     def _delete_subscription(
         self, subscription: Subscription, credentials: Mapping[str, Any], credential_type: CredentialType
     ) -> UnsubscribeResult:
-        return UnsubscribeResult(success=True, message="removed")
+        return UnsubscribeResult(success=True, message=f"removed {subscription.endpoint}")
 
     def _refresh_subscription(
         self, subscription: Subscription, credentials: Mapping[str, Any], credential_type: CredentialType
