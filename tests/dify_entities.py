@@ -14,7 +14,11 @@ declaration), ``api/core/trigger/entities/entities.py`` (``PluginTriggerProvider
 ``api/core/entities/provider_entities.py`` (``ProviderConfig``), ``api/core/plugin/entities/endpoint.py``
 (endpoints) and the model runtime's
 ``provider_entities.py`` / ``model_entities.py`` (``ProviderEntity``, ``AIModelEntity``), and
-langgenius/graphon's ``llm_entities.py`` (``LLMPollingResult``, which Dify's model runtime uses).
+langgenius/graphon's ``llm_entities.py`` (``LLMPollingResult``, which Dify's model runtime uses);
+for dispatch answers, ``datasource_entities.py`` (``WebsiteCrawlMessage``) and
+``api/core/plugin/entities/request.py`` (``TriggerInvokeEventResponse``, ``TriggerDispatchResponse``,
+``TriggerSubscriptionResponse``), ``PluginBasicBooleanResponse``, the trigger ``Subscription``
+whose ``response`` is read by the rules of ``api/core/plugin/utils/http_parser.py``).
 Only what decides whether a response parses is kept: required fields, types, enums, patterns
 and the ``mode="before"`` validators that repair ``null``. A response these refuse is one Dify
 refuses.
@@ -22,8 +26,11 @@ refuses.
 
 from __future__ import annotations
 
+import binascii
 import datetime
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
@@ -795,3 +802,103 @@ class LLMPollingResult(BaseModel):
         if self.status == LLMPollingStatus.FAILED and not (self.error or "").strip():
             raise ValueError("error is required when polling status is failed.")
         return self
+
+
+class WebSiteInfoDetail(BaseModel):
+    source_url: str
+    content: str
+    title: str
+    description: str
+
+
+class WebSiteInfo(BaseModel):
+    status: str | None
+    web_info_list: list[WebSiteInfoDetail] | None = []
+    total: int | None = 0
+    completed: int | None = 0
+
+
+class WebsiteCrawlMessage(BaseModel):
+    """One message of a ``datasource/get_website_crawl`` stream."""
+
+    result: WebSiteInfo = WebSiteInfo(status="", web_info_list=[], total=0, completed=0)
+
+
+class TriggerInvokeEventResponse(BaseModel):
+    variables: Mapping[str, Any] = Field(default_factory=dict)
+    cancelled: bool = False
+
+    @field_validator("variables", mode="before")
+    @classmethod
+    def _variables(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+
+@dataclass
+class RawHTTPResponse:
+    """The webhook answer Dify rebuilds from the plugin's hex: status, headers, body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes) -> RawHTTPResponse:
+        """Headers end at the first blank line (CRLF, else LF); the status is the status line's
+        second word; a header line without a colon is skipped."""
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        if not sep:
+            head, _, body = raw.partition(b"\n\n")
+        lines = head.split(b"\r\n")
+        if len(lines) == 1 and b"\n" in lines[0]:
+            lines = head.split(b"\n")
+        if not lines[0]:
+            raise ValueError("Empty HTTP response")
+        parts = lines[0].decode("utf-8", errors="ignore").split(" ", 2)
+        if len(parts) < 2:
+            raise ValueError(f"Invalid status line: {lines[0]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.decode("utf-8", errors="ignore").partition(":")
+            if colon:
+                headers[name] = value.strip()
+        return cls(int(parts[1]), headers, body)
+
+
+class TriggerDispatchResponse(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    user_id: str
+    events: list[str]
+    response: RawHTTPResponse
+    payload: Mapping[str, Any] = Field(default_factory=dict)
+
+    @field_validator("response", mode="before")
+    @classmethod
+    def _response(cls, value: Any) -> RawHTTPResponse:
+        try:
+            return RawHTTPResponse.parse(binascii.unhexlify(value.encode()))
+        except Exception as exc:
+            raise ValueError("Failed to deserialize response from hex string") from exc
+
+
+class PluginBasicBooleanResponse(BaseModel):
+    """A ``validate_credentials`` answer."""
+
+    result: bool
+    credentials: dict[str, Any] | None = None
+
+
+class TriggerSubscriptionResponse(BaseModel):
+    """What ``subscribe``, ``refresh`` and ``unsubscribe`` answer."""
+
+    subscription: dict[str, Any]
+
+
+class Subscription(BaseModel):
+    """The trigger ``Subscription`` Dify stores from a ``subscribe`` or ``refresh`` answer."""
+
+    expires_at: int
+    endpoint: str
+    parameters: Mapping[str, Any] | None = None
+    properties: Mapping[str, Any]

@@ -1,4 +1,7 @@
-"""The crawl data source: pages made from the address's path, no network."""
+"""The crawl data source: pages made from the address's path, no network.
+
+It streams as a real crawler does: one ``processing`` message per page found so far, then one
+``completed`` message with every page."""
 
 from collections.abc import Generator, Mapping
 from typing import Any
@@ -16,9 +19,15 @@ class CrawlDatasource(WebsiteCrawlDatasource):
         limit = int(datasource_parameters.get("limit") or 10)
         segments = [s for s in urlsplit(url).path.split("/") if s][:limit] or ["index"]
         pages = [
-            WebSiteInfoDetail(source_url=url, content=f"page {s}", title=s, description=f"segment {s}")
-            for s in segments
+            WebSiteInfoDetail(
+                source_url=f"{url}#{n}", content=f"page {s}", title=s, description=f"segment {n} of {url}"
+            )
+            for n, s in enumerate(segments, 1)
         ]
+        for done in range(1, len(pages)):
+            yield self.create_crawl_message(
+                WebSiteInfo(status="processing", web_info_list=pages[:done], total=len(pages), completed=done)
+            )
         yield self.create_crawl_message(
             WebSiteInfo(status="completed", web_info_list=pages, total=len(pages), completed=len(pages))
         )
