@@ -543,38 +543,34 @@ def plugin_declaration(
     for optional in ("privacy", "repo"):
         if manifest.get(optional):
             out[optional] = manifest[optional]
-    tool_sources = [reader.yaml(f) for f in out["plugins"]["tools"]] if reader else _list(tools)
-    if tool_sources:  # upstream keeps the last one the manifest names
-        out["tool"] = tool_provider(_map(tool_sources[-1]), reader, icon)
-        out["tool"]["identity"]["description"] = (
-            out["tool"]["identity"]["description"]
-            if out["tool"]["identity"]["description"]["en_US"]
-            else out["description"]
-        )
-        out["tool"]["identity"]["tags"] = out["tool"]["identity"]["tags"] or out["tags"]
-    model_sources = [reader.yaml(f) for f in out["plugins"]["models"]] if reader else _list(models)
-    if model_sources:
-        out["model"] = model_provider(_map(model_sources[-1]), reader, icon)
+
+    def last(key: str, sent: list[Any] | None) -> Mapping[str, Any] | None:
+        """The provider of a kind: the last file the manifest names (as upstream keeps it), or
+        the last declaration a remote plugin sent."""
+        sources = [reader.yaml(f) for f in out["plugins"][key]] if reader else _list(sent)
+        return _map(sources[-1]) if sources else None
+
+    def plugins_fill_in(identity: Json) -> None:
+        """A provider declared without a description or tags takes the plugin's, as upstream."""
+        if not identity["description"]["en_US"]:
+            identity["description"] = out["description"]
+        identity["tags"] = identity["tags"] or out["tags"]
+
+    if (provider := last("tools", tools)) is not None:
+        out["tool"] = tool_provider(provider, reader, icon)
+        plugins_fill_in(out["tool"]["identity"])
+    if (provider := last("models", models)) is not None:
+        out["model"] = model_provider(provider, reader, icon)
         out["model"]["description"] = out["model"]["description"] or out["description"]
-    agent_sources = (
-        [reader.yaml(f) for f in out["plugins"]["agent_strategies"]] if reader else _list(agent_strategies)
-    )
-    if agent_sources:
-        out["agent_strategy"] = agent_provider(_map(agent_sources[-1]), reader, icon)
-    endpoint_sources = [reader.yaml(f) for f in out["plugins"]["endpoints"]] if reader else _list(endpoints)
-    if endpoint_sources:
-        out["endpoint"] = endpoint_provider(_map(endpoint_sources[-1]), reader)
-    datasource_sources = (
-        [reader.yaml(f) for f in out["plugins"]["datasources"]] if reader else _list(datasources)
-    )
-    if datasource_sources:
-        out["datasource"] = datasource_provider(_map(datasource_sources[-1]), reader, icon)
-    trigger_sources = [reader.yaml(f) for f in out["plugins"]["triggers"]] if reader else _list(triggers)
-    if trigger_sources:
-        out["trigger"] = trigger = trigger_provider(_map(trigger_sources[-1]), reader, icon)
-        if not trigger["identity"]["description"]["en_US"]:
-            trigger["identity"]["description"] = out["description"]
-        trigger["identity"]["tags"] = trigger["identity"]["tags"] or out["tags"]
+    if (provider := last("agent_strategies", agent_strategies)) is not None:
+        out["agent_strategy"] = agent_provider(provider, reader, icon)
+    if (provider := last("endpoints", endpoints)) is not None:
+        out["endpoint"] = endpoint_provider(provider, reader)
+    if (provider := last("datasources", datasources)) is not None:
+        out["datasource"] = datasource_provider(provider, reader, icon)
+    if (provider := last("triggers", triggers)) is not None:
+        out["trigger"] = trigger_provider(provider, reader, icon)
+        plugins_fill_in(out["trigger"]["identity"])
     return out
 
 
