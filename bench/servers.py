@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 
+from daemon.config import Settings, ValidatorBackend
 from daemon.install import ensure_venv
 from daemon.manifest import load_plugin
 from daemon.testing import REPO, Daemon, copy_plugin, free_port, start_daemon
@@ -41,8 +42,8 @@ class Variant:
 
 # The validator backend the daemon ships with (``VALIDATOR_BACKEND``'s default): a benchmark
 # measures the daemon as shipped unless a variant names another.
-SHIPPED_BACKEND = "jsonschema-rs"
-PYTHON_BACKEND = "jsonschema"
+SHIPPED_BACKEND = Settings.model_fields["validator_backend"].default.value
+PYTHON_BACKEND = ValidatorBackend.JSONSCHEMA.value
 
 
 def daemon_variant(
