@@ -5,6 +5,7 @@
     python -m bench.cost --events 1 21 200 --repeats 5 --duration 3
     python -m bench.cost --set tracing --rate 300     # all at once, 300 invocations/s each
     python -m bench.cost --set steps --steps abc123 def456   # the daemon now and at earlier commits
+    python -m bench.cost --set tracing-aa --patch cut.diff    # also the daemon with cut.diff applied
 
 The server's CPU is read from ``/proc`` (user + system, all its threads, not its
 plugin child) around each trial; µs per invocation divides it by the invocations
@@ -30,7 +31,15 @@ from typing import Any
 
 from bench.loadgen import request_bytes, run_load
 from bench.measure import INVOKE_PATH, Workload, trial
-from bench.servers import PYTHON_BACKEND, Server, Variant, daemon_variant, prepare_environment, source_variant
+from bench.servers import (
+    PYTHON_BACKEND,
+    Server,
+    Variant,
+    daemon_variant,
+    patched_variant,
+    prepare_environment,
+    source_variant,
+)
 from bench.sweeps import RELAY_FAST, RELAY_JSON
 
 VARIABLES = 4  # per session, as the other sweeps; fewer when the session is shorter
@@ -42,7 +51,9 @@ def workload(events: int, concurrency: int) -> Workload:
     return Workload(size=16, count=events - 1 - variables, variables=variables, concurrency=concurrency)
 
 
-def variant_set(name: str, revision: str | None, steps: list[str] | None = None) -> list[Variant]:
+def variant_set(
+    name: str, revision: str | None, steps: list[str] | None = None, patches: list[str] | None = None
+) -> list[Variant]:
     if name == "steps":  # the daemon now and at each of ``steps`` (tracing off), and the fast relay
         earlier = [source_variant(f"daemon @{step}", step) for step in steps or []]
         return [RELAY_FAST, daemon_variant("daemon"), *earlier]
@@ -78,6 +89,9 @@ def variant_set(name: str, revision: str | None, steps: list[str] | None = None)
             source_variant(f"tracing off @{revision}", revision),
             source_variant(f"tracing on @{revision}", revision, tracing=True),
         ]
+    for spec in patches or []:  # each a diff, or diffs joined by "+" applied in order
+        files = [Path(p) for p in spec.split("+")]
+        variants.append(patched_variant(f"patched {'+'.join(f.stem for f in files)}", files))
     return variants
 
 
@@ -184,6 +198,11 @@ def main() -> None:
     parser.add_argument("--set", choices=["relay", "tracing", "tracing-aa", "steps"], default="relay")
     parser.add_argument("--revision", help="also run the daemon at this git commit (tracing off and on)")
     parser.add_argument("--steps", nargs="*", help="with --set steps: git commits to compare with")
+    parser.add_argument(
+        "--patch",
+        action="append",
+        help="also run the committed daemon with this diff applied (tracing off; a+b: both, in order)",
+    )
     parser.add_argument("--baseline", help="the variant ratios are taken to (default: the first)")
     parser.add_argument("--events", type=int, nargs="*", default=[1, 21, 200])
     parser.add_argument("--repeats", type=int, default=3)
@@ -196,7 +215,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every trial here")
     args = parser.parse_args()
     prepare_environment()
-    variants = variant_set(args.set, args.revision, args.steps)
+    variants = variant_set(args.set, args.revision, args.steps, args.patch)
     trials = run(
         variants,
         args.events,

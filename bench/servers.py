@@ -70,6 +70,13 @@ def source_variant(name: str, revision: str, **options: Any) -> Variant:
     return Variant(name, "daemon", variant.settings | {"source_revision": revision})
 
 
+def patched_variant(name: str, patches: list[Path], **options: Any) -> Variant:
+    """The daemon as committed (``HEAD``) with ``patches`` applied in order: an ablation (a
+    path cut out, another recorder put in), run beside the daemon as it is."""
+    variant = daemon_variant(name, **options)
+    return Variant(name, "daemon", variant.settings | {"source_patches": os.pathsep.join(map(str, patches))})
+
+
 def relay_variant(name: str, *, codec: str, coalesce: bool) -> Variant:
     return Variant(name, "relay", {"codec": codec, "coalesce": str(coalesce).lower()})
 
@@ -95,8 +102,11 @@ class Server:
             settings = dict(self.variant.settings)
             source = REPO
             revision = settings.pop("source_revision", None)
-            if revision is not None:
-                source = export_revision(revision, self.workdir / "source")
+            patches = settings.pop("source_patches", None)
+            if revision is not None or patches is not None:
+                source = export_revision(revision or "HEAD", self.workdir / "source")
+            for patch in patches.split(os.pathsep) if patches else ():
+                apply_patch(Path(patch).resolve(), source)
             self._daemon = start_daemon(
                 plugins, self.workdir / "state", self.workdir / "server.log", source=source, **settings
             )
@@ -162,6 +172,11 @@ def export_revision(revision: str, dest: Path) -> Path:
     )
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest
+
+
+def apply_patch(patch: Path, source: Path) -> None:
+    """Apply a diff of the daemon package (paths ``a/daemon/...``) to an exported copy."""
+    subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=source, check=True)
 
 
 def prepare_environment() -> dict[str, Any]:

@@ -136,3 +136,24 @@ def test_cost_table_takes_ratios_within_each_repeat() -> None:
     ]
     rows = table(trials, "base").splitlines()
     assert rows[-1] == "| 1 | other | 225 | 1.500 [1.500-1.500] | 0.800 [0.800-0.800] |"
+
+
+def test_a_patched_variant_serves_the_committed_daemon_with_the_patch_applied(tmp_path: Path) -> None:
+    """An ablation must run the patched code, not the working tree's: the patch here is visible
+    in the health check's version."""
+    import httpx
+
+    from bench.servers import Server, patched_variant
+
+    patch = tmp_path / "version.diff"
+    patch.write_text(
+        "--- a/daemon/__init__.py\n+++ b/daemon/__init__.py\n@@ -2,2 +2,2 @@\n \n"
+        '-__version__ = "0.1.0"\n+__version__ = "0.1.0+patched"\n'
+    )
+    server = Server(patched_variant("patched", [patch]), tmp_path / "server")
+    server.start()
+    try:
+        health = httpx.get(f"http://127.0.0.1:{server.port}/health/check", timeout=10).json()
+    finally:
+        server.stop()
+    assert health["version"] == "0.1.0+patched"
