@@ -7,6 +7,8 @@ storage and invoke_other steps included); error_at and crash_at count them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -91,6 +93,10 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
     if stop_heartbeat:
         session.heartbeats_stopped.set()
     resource_faults(params)
+    if as_bool(params.get("orphan_pipes"), False):
+        # A detached child (its own session, so outside our process group) that inherits
+        # stdout and stderr and outlives us: the pipes stay open after this process exits.
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
 
     flood = as_int(params.get("backwards_flood"), 0)
     # storage calls sent without waiting for their answers: reads, or writes if flood_writes
