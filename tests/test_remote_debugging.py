@@ -143,3 +143,43 @@ def test_connections_are_bounded(remote: Any) -> None:
                 reply += chunk
     assert reply == b"server is busy now, please try again later\n"
     assert httpx.get(f"{daemon.url}/health/check", timeout=30).status_code == 200
+
+
+PROVIDER = [{"identity": {"name": "p"}, "tools": []}]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "tools", "reason"),
+    [
+        ({"author": "a", "name": "n", "meta": ["not", "an", "object"]}, PROVIDER, "meta must be an object"),
+        ({"author": "a", "name": "n", "meta": {"runner": "x"}}, PROVIDER, "meta.runner must be an object"),
+        ({"author": "a", "name": "n"}, [{"identity": "oops"}], "provider identity must be an object"),
+        ({"author": "a", "name": "n"}, [{"identity": {"name": "p"}, "tools": 5}], "tools must be a list"),
+        (
+            {"author": "a", "name": "n"},
+            [{"identity": {"name": "p"}, "tools": [{"identity": {"name": "t"}, "parameters": 1}]}],
+            "tool t: parameters must be a list",
+        ),
+        ({"author": ["a"], "name": "n"}, PROVIDER, "author missing"),
+    ],
+)
+def test_a_malformed_declaration_is_refused_with_its_reason(
+    remote: Any, manifest: dict[str, Any], tools: list[Any], reason: str
+) -> None:
+    daemon, port, _ = remote
+    key = debugging_key(daemon, "tenant-a")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        for message in (
+            {"type": "handshake", "data": {"key": key}},
+            {"type": "manifest_declaration", "data": manifest},
+            {"type": "tool_declaration", "data": tools},
+            {"type": "end", "data": {}},
+        ):
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        reply = b""
+        while chunk := sock.recv(4096):  # the daemon answers one line, then closes
+            reply += chunk
+    assert reply.endswith(f"{reason}\n".encode()), reply
+    wait_for(lambda: "refused: remote plugin from 127.0.0.1" in daemon.log())
+    assert "Traceback" not in daemon.log()
+    assert list(listed(daemon, "tenant-a")) == [FP]

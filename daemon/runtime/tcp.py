@@ -151,16 +151,33 @@ def spec_from_declaration(
             raise ManifestError(f"{where}: {what} missing")
         return value
 
+    # The SDK sends what the author's YAML says: any JSON, so each level's type is checked.
+    def mapping(value: Any, what: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ManifestError(f"{where}: {what} must be an object")
+        return value
+
+    def sequence(value: Any, what: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ManifestError(f"{where}: {what} must be a list")
+        return value
+
     providers: dict[str, ProviderSpec] = {}
     for provider in tool_providers:
         if not isinstance(provider, Mapping):
             raise ManifestError(f"{where}: a tool provider declaration must be an object")
-        name = text((provider.get("identity") or {}).get("name"), "provider identity.name")
+        name = text(
+            mapping(provider.get("identity"), "provider identity").get("name"), "provider identity.name"
+        )
         tools: dict[str, ToolSpec] = {}
-        for tool in provider.get("tools") or []:
+        for tool in sequence(provider.get("tools"), f"provider {name}: tools"):
             if not isinstance(tool, Mapping):
                 raise ManifestError(f"{where}: a tool declaration must be an object")
-            tool_name = text((tool.get("identity") or {}).get("name"), "tool identity.name")
+            tool_name = text(mapping(tool.get("identity"), "tool identity").get("name"), "tool identity.name")
             schema = tool.get("output_schema")
             compiled = None
             if isinstance(schema, Mapping) and schema:
@@ -168,14 +185,15 @@ def spec_from_declaration(
                     compiled = OutputSchema(schema, settings.validator_backend)
                 except SchemaDeclarationError as exc:
                     raise ManifestError(f"{where}: tool {tool_name}: {exc}") from None
-            parameters = tuple(p for p in tool.get("parameters") or [] if isinstance(p, Mapping))
+            declared = sequence(tool.get("parameters"), f"tool {tool_name}: parameters")
+            parameters = tuple(p for p in declared if isinstance(p, Mapping))
             tools[tool_name] = ToolSpec(tool_name, parameters, compiled)
         providers[name] = ProviderSpec(name, tools)
     if not providers and not other_providers:
         raise ManifestError(
             f"{where}: declares no providers (tool, model, agent strategy, datasource, trigger or endpoint)"
         )
-    runner = (manifest.get("meta") or {}).get("runner") or {}
+    runner = mapping(mapping(manifest.get("meta"), "meta").get("runner"), "meta.runner")
     return PluginSpec(
         path=path,
         author=text(manifest.get("author"), "author"),
@@ -311,7 +329,11 @@ class RemoteDebugging:
         try:
             async with asyncio.timeout(REGISTRATION_TIMEOUT):
                 tenant, spec, assets, early, declared = await self._register(reader, peer)
-        except (RegistrationError, ManifestError, TimeoutError, ConnectionError, ValueError) as exc:
+        except Exception as exc:  # whatever the plugin sent, it gets a reason and the socket is closed
+            if not isinstance(
+                exc, (RegistrationError, ManifestError, TimeoutError, ConnectionError, ValueError)
+            ):
+                log.exception("remote plugin from %s: registration failed", peer)
             reason = str(exc) or ("registration timed out" if isinstance(exc, TimeoutError) else repr(exc))
             log.warning("remote plugin from %s refused: %s", peer, reason)
             with contextlib.suppress(ConnectionError, OSError):
