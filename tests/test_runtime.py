@@ -224,6 +224,22 @@ def test_garbage_lines_are_logged_and_skipped(
     assert daemon.plugins()[FP]["restarts"] == 0
 
 
+def test_stray_stdout_lines_are_logged_at_a_bounded_rate(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    # A plugin printing in a loop: ~5 MB of stray lines in a burst, which unbounded would be
+    # ~15 MB of warnings in the daemon's log.
+    lines = 100_000
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    events = daemon.invoke(FP, "emit", {"count": 1, "garbage": lines})
+    assert [e.ok for e in events] == [True, True]
+    text = daemon.log_path.read_text(errors="replace")
+    assert "bytes/s of stdout logging; not logging the rest of this second" in text
+    assert text.count("printed non-protocol output") < lines / 10
+    assert daemon.plugins()[FP]["restarts"] == 0
+
+
 def test_an_oversized_line_fails_the_instance_with_a_clear_error(
     start: Callable[..., Daemon], fastproto: Callable[..., Path]
 ) -> None:

@@ -46,6 +46,7 @@ import uvloop
 from daemon.errors import INSTANCE_DIED
 from daemon.manifest import PluginSpec
 from daemon.resources.monitor import InstanceResources
+from daemon.runtime.plugin_log import LogBudget
 
 log = logging.getLogger("daemon.runtime")
 
@@ -53,7 +54,6 @@ READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024  # bytes queued for a plugin's stdin before send() waits
 STDERR_LINE_CHARS = 2000  # longer stderr lines are cut (the rest is read and dropped)
 STDERR_TAIL_LINES = 20  # kept for GET /plugins when the plugin fails to start
-STDERR_LOG_BYTES_PER_S = 64 * 1024  # stderr copied into the daemon's log, at most
 EXIT_DRAIN_SECONDS = 1.0  # how long a pipe may stay open after the process exits (a child holds it)
 _SETPRIV = shutil.which("setpriv")
 
@@ -174,9 +174,7 @@ class StderrTail:
         self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._lock = threading.Lock()  # the stderr thread appends, the loop takes snapshots
         self.done = threading.Event()  # set when the stream has ended
-        self._window_start = time.monotonic()
-        self._window_bytes = 0
-        self._suppressed = 0
+        self._budget = LogBudget(name, "stderr")
 
     def add(self, raw: bytes) -> None:
         line = raw.decode(errors="replace").rstrip()
@@ -184,34 +182,11 @@ class StderrTail:
             return
         with self._lock:
             self._lines.append(line[:STDERR_LINE_CHARS])
-        now = time.monotonic()
-        if now - self._window_start >= 1.0:
-            self._flush_suppressed()
-            self._window_start, self._window_bytes = now, 0
-        self._window_bytes += len(raw)
-        if self._window_bytes > STDERR_LOG_BYTES_PER_S:
-            if not self._suppressed:
-                log.warning(
-                    "plugin %s: more than %d bytes/s of stderr; not logging the rest of this second",
-                    self._name,
-                    STDERR_LOG_BYTES_PER_S,
-                )
-            self._suppressed += len(raw)
-            return
-        log.info("plugin %s stderr: %s", self._name, line[:STDERR_LINE_CHARS])
-
-    def _flush_suppressed(self) -> None:
-        if self._suppressed:
-            log.warning(
-                "plugin %s: %d bytes of stderr not logged (more than %d bytes/s)",
-                self._name,
-                self._suppressed,
-                STDERR_LOG_BYTES_PER_S,
-            )
-            self._suppressed = 0
+        if self._budget.allow(len(raw)):
+            log.info("plugin %s stderr: %s", self._name, line[:STDERR_LINE_CHARS])
 
     def close(self) -> None:
-        self._flush_suppressed()
+        self._budget.flush()
         self.done.set()
 
     def snapshot(self) -> list[str]:
