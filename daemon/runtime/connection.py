@@ -241,7 +241,7 @@ class Connection:
             started = clock()
             try:
                 obj = loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # the stdlib decoder's depth limit is a RecursionError
                 obj = None
             decoded = clock() - started
             decode_total += decoded

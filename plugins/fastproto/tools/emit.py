@@ -109,6 +109,13 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
 
     for i in range(as_int(params.get("garbage"), 0)):
         session.out.raw(f"fastproto stray print {i}: this line is not JSON\n")
+    depth = as_int(params.get("nested_depth"), 0)
+    if depth > 0:
+        # Written by hand: json.dumps itself gives up past ~1000 levels.
+        nested = "[" * depth + "]" * depth
+        message = '{"type":"json","message":{"json_object":{"nested":' + nested + '}},"meta":null}'
+        head = '{"event":"session","session_id":"' + session.session_id + '","data":{"type":"stream","data":'
+        session.out.raw(head + message + "}}\n")
     oversized = as_int(params.get("oversized"), 0)
     if oversized > 0:
         # A real stream message of this session, so the daemon cannot just skip it.
