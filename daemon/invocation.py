@@ -161,10 +161,12 @@ class Invocation:
     async def _relay(self, send_body: SendBody, started: float) -> None:
         session = self.session
         try:
-            await self.instance.open_session(session, self.request)
+            # From before the request is sent: a plugin that stops reading its stdin makes the
+            # send wait (flow control), and that wait must end at the deadline too.
             deadline = _Deadline(self.timeout)
             try:
                 try:
+                    await self.instance.open_session(session, self.request)
                     while batch := await session.next_batch():
                         await self._forward(batch, send_body)
                     self.outcome = "success"

@@ -278,3 +278,24 @@ def test_owner_verdict_is_right_behind_a_slow_reader(
     assert last_error(events)["message"] == (
         "output variable 'done' failed 'type': \"not-a-bool\" is not of type \"boolean\""
     )
+
+
+def test_the_deadline_covers_a_request_the_plugin_never_reads(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    # The plugin heartbeats but never reads its stdin: once the pipe and the write buffer are
+    # full, sending the request waits; that wait counts against the execution timeout too.
+    daemon = start(fastproto({"stall_stdin": True}), plugin_max_execution_timeout=2)
+    daemon.wait_ready(FP)
+    pad = "x" * 400_000  # two of these fill the pipe (64 KiB) and the write buffer (256 KiB)
+    with httpx.Client(timeout=60) as client:
+        first = client.post(
+            daemon.invoke_url(), **daemon.invocation(FP, "emit", {"count": 1, "storage_value": pad})
+        )
+        second = client.post(
+            daemon.invoke_url(), **daemon.invocation(FP, "emit", {"count": 1, "storage_value": pad})
+        )
+    for r in (first, second):
+        assert r.status_code == 200, r.text
+        error = last_error(parse_sse(r.content))
+        assert "killed by timeout" in error["message"], error
