@@ -183,3 +183,19 @@ def test_a_malformed_declaration_is_refused_with_its_reason(
     wait_for(lambda: "refused: remote plugin from 127.0.0.1" in daemon.log())
     assert "Traceback" not in daemon.log()
     assert list(listed(daemon, "tenant-a")) == [FP]
+
+
+def test_the_number_of_assets_is_bounded(remote: Any) -> None:
+    # Tiny assets cost the daemon far more than their bytes: their count is bounded too. The last
+    # line sent is the one refused, so the daemon has read everything when it closes.
+    daemon, port, _ = remote
+    key = debugging_key(daemon, "tenant-a")
+    lines = [{"type": "handshake", "data": {"key": key}}]
+    lines += [
+        {"type": "asset_chunk", "data": {"filename": f"a{i}.txt", "data": "eA=="}} for i in range(10_001)
+    ]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        reply = sock.recv(4096)
+    assert reply == b"too many assets, at most 10000 files\n"
+    assert list(listed(daemon, "tenant-a")) == [FP]

@@ -39,6 +39,7 @@ REGISTRATION_LINE_BYTES = 4 * 1024 * 1024  # a declaration or an asset chunk
 MAX_CONNECTIONS = 64  # registering and registered, at once (upstream bounds them too)
 REGISTRATION_TIMEOUT = 30.0  # seconds from connect to ``end`` (upstream: 10 s to the handshake)
 MAX_ASSET_BYTES = 50 * 1024 * 1024  # as upstream
+MAX_ASSETS = 10_000  # files, as many as a package may hold (each costs far more than its bytes)
 READ_CHUNK = 256 * 1024
 
 
@@ -415,7 +416,10 @@ class RemoteDebugging:
                 asset_bytes += len(chunk)
                 if asset_bytes > MAX_ASSET_BYTES:
                     raise RegistrationError("assets too large, at most 50MB")
-                assets.setdefault(str(data.get("filename")), bytearray()).extend(chunk)
+                filename = str(data.get("filename"))
+                if filename not in assets and len(assets) >= MAX_ASSETS:
+                    raise RegistrationError(f"too many assets, at most {MAX_ASSETS} files")
+                assets.setdefault(filename, bytearray()).extend(chunk)
             elif kind == "end":
                 if manifest is None:
                     raise RegistrationError("no manifest declaration before end")
