@@ -75,7 +75,7 @@ class Daemon:
             self.database = Database.from_settings(self.settings)
             await asyncio.to_thread(self.database.migrate)
         await asyncio.to_thread(import_legacy, self.database, self.settings.legacy_storage_file)
-        self.storage = PluginStorage(self.database)
+        self.storage = PluginStorage(self.database, self.settings.persistence_storage_max_size)
         try:
             specs, errors = discover(self.settings.plugins_dir, self.settings.validator_backend)
         except ManifestError as exc:

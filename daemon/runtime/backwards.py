@@ -27,7 +27,7 @@ from daemon import wire
 from daemon.errors import SessionError
 from daemon.runtime.plugin_log import LogBudget
 from daemon.session import Session
-from daemon.state import MAX_VALUE_BYTES, PluginStorage
+from daemon.state import MAX_VALUE_BYTES, PluginStorage, StorageFull
 
 log = logging.getLogger("daemon.runtime")
 _tracer = trace.get_tracer("daemon.runtime")
@@ -71,7 +71,10 @@ class BackwardsServices:
                 raise BackwardsError("storage value must be a hex string")
             if len(raw) > MAX_VALUE_BYTES:
                 raise BackwardsError(f"storage value larger than {MAX_VALUE_BYTES} bytes")
-            await self.storage.set(tenant, plugin, key, raw)
+            try:
+                await self.storage.set(tenant, plugin, key, raw)
+            except StorageFull as exc:
+                raise BackwardsError(str(exc)) from None
             return {"data": "ok"}
         if opt == "get":
             found = await self.storage.get(tenant, plugin, key)
