@@ -54,10 +54,13 @@ def workload(events: int, concurrency: int) -> Workload:
 def variant_set(
     name: str, revision: str | None, steps: list[str] | None = None, patches: list[str] | None = None
 ) -> list[Variant]:
-    if name == "steps":  # the daemon now and at each of ``steps`` (tracing off), and the fast relay
-        earlier = [source_variant(f"daemon @{step}", step) for step in steps or []]
-        return [RELAY_FAST, daemon_variant("daemon"), *earlier]
     variants = {
+        # The daemon now and at each of ``steps`` (tracing off), and the fast relay.
+        "steps": [
+            RELAY_FAST,
+            daemon_variant("daemon"),
+            *(source_variant(f"daemon @{step}", step) for step in steps or []),
+        ],
         "relay": [
             RELAY_FAST,
             RELAY_JSON,
