@@ -188,17 +188,24 @@ def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
     return data, time.monotonic()
 
 
+def _answers_spaced_out(daemon: Daemon, sock: socket.socket) -> float:
+    """Three invocations on one connection, 0.4 s apart, so that a deadline set by an earlier
+    answer instead of the last would expire first; returns when the last was sent."""
+    for n in range(3):
+        time.sleep(0.4 * (n > 0))
+        sent = time.monotonic()
+        invoke_without_reading(daemon, sock, {"count": 1})
+        assert _answer(sock).startswith(b"HTTP/1.1 200 ")
+    return sent
+
+
 def test_after_an_answer_a_connection_waits_the_keep_alive_time_then_closes_without_a_word(
     start: Callable[..., Daemon], fastproto: Callable[..., Path]
 ) -> None:
     daemon = start(fastproto(), server_keep_alive_timeout=1, server_request_read_timeout=30)
     daemon.wait_ready(FP)
     with connection(daemon) as sock:
-        for n in range(3):  # the deadline is set by each answer in turn, not by the first
-            time.sleep(0.4 * (n > 0))
-            sent = time.monotonic()
-            invoke_without_reading(daemon, sock, {"count": 1})
-            assert _answer(sock).startswith(b"HTTP/1.1 200 ")
+        sent = _answers_spaced_out(daemon, sock)
         data, closed = _until_closed(sock)
     assert data == b"" and closed - sent >= 1  # never before the keep-alive time after the last
 
@@ -209,11 +216,7 @@ def test_after_an_answer_a_request_not_received_in_time_is_answered_408(
     daemon = start(fastproto(), server_keep_alive_timeout=30, server_request_read_timeout=1)
     daemon.wait_ready(FP)
     with connection(daemon) as sock:
-        for n in range(3):
-            time.sleep(0.4 * (n > 0))
-            sent = time.monotonic()
-            invoke_without_reading(daemon, sock, {"count": 1})
-            assert _answer(sock).startswith(b"HTTP/1.1 200 ")
+        sent = _answers_spaced_out(daemon, sock)
         sock.sendall(b"GET /health/check HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
         data, closed = _until_closed(sock)
     assert data.startswith(b"HTTP/1.1 408 ") and closed - sent >= 1
