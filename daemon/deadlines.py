@@ -3,7 +3,7 @@
 A dispatch request arms four timeouts (the time to receive it, its response head's wait for
 the first events, the invocation's deadline, the connection's keep-alive wait after it) and
 nearly always clears them unexpired. As loop timers each costs 1-2 µs to arm and cancel
-(under uvloop a libuv timer started, stopped and closed): the four together were ~12% of a
+(under uvloop a libuv timer started, stopped and closed): the four together were 8-12% of a
 1-event invocation's CPU, measured by removing them. Keeping the same timeouts in a structure
 of one's own (grouped by expiry, one loop timer for the lot) cost as much in place.
 
