@@ -6,6 +6,7 @@
     python -m bench.cost --set tracing --rate 300     # all at once, 300 invocations/s each
     python -m bench.cost --set steps --steps abc123 def456   # the daemon now and at earlier commits
     python -m bench.cost --set tracing-aa --patch cut.diff    # also the daemon with cut.diff applied
+    python -m bench.cost --set steps --python other/.venv/bin/python   # also on another interpreter
 
 The server's CPU is read from ``/proc`` (user + system, all its threads, not its
 plugin child) around each trial; µs per invocation divides it by the invocations
@@ -36,6 +37,7 @@ from bench.servers import (
     Server,
     Variant,
     daemon_variant,
+    interpreter_variant,
     patched_variant,
     prepare_environment,
     source_variant,
@@ -52,12 +54,19 @@ def workload(events: int, concurrency: int) -> Workload:
 
 
 def variant_set(
-    name: str, revision: str | None, steps: list[str] | None = None, patches: list[str] | None = None
+    name: str,
+    revision: str | None,
+    steps: list[str] | None = None,
+    patches: list[str] | None = None,
+    pythons: list[str] | None = None,
 ) -> list[Variant]:
-    if name == "steps":  # the daemon now and at each of ``steps`` (tracing off), and the fast relay
-        earlier = [source_variant(f"daemon @{step}", step) for step in steps or []]
-        return [RELAY_FAST, daemon_variant("daemon"), *earlier]
     variants = {
+        # The daemon now and at each of ``steps`` (tracing off), and the fast relay.
+        "steps": [
+            RELAY_FAST,
+            daemon_variant("daemon"),
+            *(source_variant(f"daemon @{step}", step) for step in steps or []),
+        ],
         "relay": [
             RELAY_FAST,
             RELAY_JSON,
@@ -89,6 +98,7 @@ def variant_set(
             source_variant(f"tracing off @{revision}", revision),
             source_variant(f"tracing on @{revision}", revision, tracing=True),
         ]
+    variants += [interpreter_variant(python) for python in pythons or []]
     for spec in patches or []:  # each a diff, or diffs joined by "+" applied in order
         files = [Path(p) for p in spec.split("+")]
         variants.append(patched_variant(f"patched {'+'.join(f.stem for f in files)}", files))
@@ -203,6 +213,11 @@ def main() -> None:
         action="append",
         help="also run the committed daemon with this diff applied (tracing off; a+b: both, in order)",
     )
+    parser.add_argument(
+        "--python",
+        action="append",
+        help="also run the daemon on this interpreter (a venv's python with the daemon's dependencies)",
+    )
     parser.add_argument("--baseline", help="the variant ratios are taken to (default: the first)")
     parser.add_argument("--events", type=int, nargs="*", default=[1, 21, 200])
     parser.add_argument("--repeats", type=int, default=3)
@@ -215,7 +230,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every trial here")
     args = parser.parse_args()
     prepare_environment()
-    variants = variant_set(args.set, args.revision, args.steps, args.patch)
+    variants = variant_set(args.set, args.revision, args.steps, args.patch, args.python)
     trials = run(
         variants,
         args.events,

@@ -77,6 +77,19 @@ def patched_variant(name: str, patches: list[Path], **options: Any) -> Variant:
     return Variant(name, "daemon", variant.settings | {"source_patches": os.pathsep.join(map(str, patches))})
 
 
+def interpreter_variant(python: str, **options: Any) -> Variant:
+    """The daemon as it is, on another interpreter (``python``: a venv's, with the daemon's
+    dependencies installed), named after its version."""
+    version = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    variant = daemon_variant(f"daemon on {version}", **options)
+    return Variant(variant.name, "daemon", variant.settings | {"interpreter": python})
+
+
 def relay_variant(name: str, *, codec: str, coalesce: bool) -> Variant:
     return Variant(name, "relay", {"codec": codec, "coalesce": str(coalesce).lower()})
 
@@ -103,12 +116,18 @@ class Server:
             source = REPO
             revision = settings.pop("source_revision", None)
             patches = settings.pop("source_patches", None)
+            interpreter = settings.pop("interpreter", None)
             if revision is not None or patches is not None:
                 source = export_revision(revision or "HEAD", self.workdir / "source")
             for patch in patches.split(os.pathsep) if patches else ():
                 apply_patch(Path(patch).resolve(), source)
             self._daemon = start_daemon(
-                plugins, self.workdir / "state", self.workdir / "server.log", source=source, **settings
+                plugins,
+                self.workdir / "state",
+                self.workdir / "server.log",
+                source=source,
+                python=interpreter,
+                **settings,
             )
             self._daemon.wait_ready(PLUGIN_ID)
             self.pid = self._daemon.proc.pid

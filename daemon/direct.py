@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from daemon import limits
+from daemon.deadlines import Deadline
 from daemon.dispatch import KINDS, BadRequest, Kind
 from daemon.sse import HEADERS as EVENT_STREAM_HEADERS
 from daemon.sse import ClientGone, SendBody
@@ -151,6 +152,9 @@ class DirectCycle:
         self.on_lost: Callable[[], None] | None = None  # the running stream's, while it runs
         self.request = DirectRequest(self, RawHeaders(protocol.headers), tenant)
         self._on_response = protocol.on_response_complete
+        # The connection's, reused by each request in turn (see daemon/deadlines.py).
+        self.head_deadline: Deadline = protocol.head_deadline
+        self.invocation_deadline: Deadline = protocol.invocation_deadline
 
     async def run_asgi(self, handler: Callable[[DirectCycle], Awaitable[None]]) -> None:
         """What uvicorn runs as the request's task: the handler, and a 500 if it fails."""
@@ -262,7 +266,8 @@ class DirectStream:
         self._pending.append(cycle.head(200, EVENT_STREAM_HEADERS, chunked=True))
         # The head waits for the first events (one write for both), but not long: a caller
         # waiting for headers learns at once that its request was accepted.
-        head_timer = asyncio.get_running_loop().call_later(HEAD_DELAY, self._flush)
+        head_timer = cycle.head_deadline
+        head_timer.set(HEAD_DELAY, self._flush)
         if self._span is not None:
             self._span.status = 200
         cycle.on_lost = self._lost
@@ -286,7 +291,7 @@ class DirectStream:
             raise
         finally:
             self._ended = True
-            head_timer.cancel()
+            head_timer.clear()
             cycle.on_lost = None
         if self.gone:
             return
@@ -425,6 +430,7 @@ class DirectDispatch:
             on_stall=invocation.client_stalled,
             span=span,
         )
+        invocation.deadline = cycle.invocation_deadline
         session = invocation.session
         daemon.drain.add(session)
         try:
@@ -438,6 +444,17 @@ def protocol(base: type[HttpToolsProtocol], dispatch: DirectDispatch) -> type[Ht
     routes = direct_routes()
 
     class DirectProtocol(base):  # type: ignore[valid-type, misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.head_deadline = Deadline(self.loop)
+            self.invocation_deadline = Deadline(self.loop)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            # A request still running keeps its deadlines until it clears them.
+            self.head_deadline.close()
+            self.invocation_deadline.close()
+            super().connection_lost(exc)
+
         def start_request(self) -> None:
             cycle = take(self, routes)
             if cycle is None:

@@ -19,6 +19,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from daemon import metrics, spans, wire
 from daemon.config import Settings
+from daemon.deadlines import Deadline
 from daemon.errors import CLIENT_GONE, OUTPUT_ENCODING_ERROR, SLOW_CLIENT, TIMEOUT, SessionError
 from daemon.limits import Budget
 from daemon.manifest import ToolSpec
@@ -87,6 +88,9 @@ class Invocation:
         self.outcome = "pending"
         self.error = ""  # "<type>: <message>" of a failed session, for its span's status
         self.write_timeout = write_timeout
+        # The deadline the timeout is kept on: a connection's reused one (daemon/direct.py),
+        # else one of its own.
+        self.deadline: Deadline | None = None
 
     def response(self) -> EventStreamResponse:
         return EventStreamResponse(
@@ -163,7 +167,7 @@ class Invocation:
         try:
             # From before the request is sent: a plugin that stops reading its stdin makes the
             # send wait (flow control), and that wait must end at the deadline too.
-            deadline = _Deadline(self.timeout)
+            deadline = _Deadline(self.timeout, self.deadline)
             try:
                 try:
                     await self.instance.open_session(session, self.request)
@@ -259,19 +263,22 @@ class Invocation:
 
 
 class _Deadline:
-    """Cancels the current task after ``seconds``: what ``asyncio.timeout`` does, as one timer
-    handle and no context manager (paid once per invocation). The task's ``CancelledError`` is
-    the deadline's if :meth:`took_cancel` says so; any other cancel is left to propagate."""
+    """Cancels the current task after ``seconds``: what ``asyncio.timeout`` does, without a
+    context manager, on the connection's reused deadline if it has one (paid once per
+    invocation). The task's ``CancelledError`` is the deadline's if :meth:`took_cancel` says
+    so; any other cancel is left to propagate."""
 
-    __slots__ = ("_cancelling", "_handle", "_task", "expired")
+    __slots__ = ("_cancelling", "_deadline", "_owned", "_task", "expired")
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, deadline: Deadline | None) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
         self._cancelling = task.cancelling()
         self.expired = False
-        self._handle = asyncio.get_running_loop().call_later(seconds, self._expire)
+        self._owned = deadline is None
+        self._deadline = Deadline(asyncio.get_running_loop()) if deadline is None else deadline
+        self._deadline.set(seconds, self._expire)
 
     def _expire(self) -> None:
         self.expired = True
@@ -282,7 +289,9 @@ class _Deadline:
         return self.expired and self._task.uncancel() <= self._cancelling
 
     def cancel(self) -> None:
-        self._handle.cancel()
+        self._deadline.clear()
+        if self._owned:
+            self._deadline.close()
 
 
 def new_session(

@@ -27,6 +27,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from daemon.deadlines import Deadline
 from daemon.errors import BAD_REQUEST, INTERNAL_ERROR, envelope
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,19 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
     class GuardedProtocol(HttpToolsProtocol):
         _head_bytes = 0  # bytes read while a head is incomplete
         _in_head = True
-        _deadline: asyncio.TimerHandle | None = None
         _running: Any = None  # the request whose task runs; ``cycle`` is the last one parsed
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            # Set and cleared per request; see daemon/deadlines.py.
+            self._deadline = Deadline(self.loop)
+            self._keep_alive = Deadline(self.loop)
             self._await_request()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_deadline()
+            for deadline in (self._deadline, self._keep_alive):  # nothing left to wait for
+                deadline.clear()
+                deadline.close()
             running = self._running
             super().connection_lost(exc)
             # uvicorn tells only the last request parsed; one running ahead of pipelined ones
@@ -120,21 +125,27 @@ def protocol(max_head_bytes: int, read_timeout: float) -> type[HttpToolsProtocol
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._await_request()
+            """uvicorn's, with the keep-alive wait on the connection's reused deadline."""
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
+            self._unset_keepalive_if_required()
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._keep_alive.set(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+                self.timeout_keep_alive_task = self._keep_alive  # type: ignore[assignment]  # cancel()led
+            self._await_request()
 
         def _await_request(self) -> None:
-            self._cancel_deadline()
-            self._deadline = self.loop.call_later(read_timeout, self._read_timed_out)
+            self._deadline.set(read_timeout, self._read_timed_out)
 
         def _cancel_deadline(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+            self._deadline.clear()
 
         def _read_timed_out(self) -> None:
-            self._deadline = None
             if self.transport.is_closing():
                 return
             if self.cycle is None or self.cycle.response_complete:

@@ -234,9 +234,16 @@ def alive(pids: set[int]) -> list[int]:
 
 
 def start_daemon(
-    plugins_dir: Path, state_dir: Path, log_path: Path, *, source: Path = REPO, **env: Any
+    plugins_dir: Path,
+    state_dir: Path,
+    log_path: Path,
+    *,
+    source: Path = REPO,
+    python: str | None = None,
+    **env: Any,
 ) -> Daemon:
-    """Start ``python -m daemon serve`` from ``source`` (another checkout's code, for benchmarks)."""
+    """Start ``python -m daemon serve`` from ``source`` (another checkout's code, for benchmarks),
+    on this interpreter or ``python`` (another venv's, with the daemon's dependencies)."""
     port = free_port()
     key = "test-key-" + os.urandom(6).hex()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("SERVER_", "PLUGIN_"))}
@@ -252,7 +259,7 @@ def start_daemon(
     )
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "serve"],
+        [python or sys.executable, "-m", "daemon", "serve"],
         cwd=source,
         env=environ,
         stdout=log_file,

@@ -299,3 +299,23 @@ def test_the_deadline_covers_a_request_the_plugin_never_reads(
         assert r.status_code == 200, r.text
         error = last_error(parse_sse(r.content))
         assert "killed by timeout" in error["message"], error
+
+
+def test_on_a_kept_alive_connection_each_invocation_has_its_whole_timeout(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    """The connection's deadline is reused by its requests in turn: one set by an earlier
+    request neither ends a later one early nor leaves it without a deadline."""
+    daemon = start(fastproto(), plugin_max_execution_timeout=1)
+    daemon.wait_ready(FP)
+    with httpx.Client(timeout=60) as client:
+        for _ in range(3):
+            fast = client.post(daemon.invoke_url(), **daemon.invocation(FP, "emit", {"count": 1}))
+            assert parse_sse(fast.content)[-1].ok
+            time.sleep(0.3)
+        started = time.monotonic()
+        slow = client.post(daemon.invoke_url(), **daemon.invocation(FP, "emit", {"count": 1, "hang": True}))
+        ended = time.monotonic()
+    error = last_error(parse_sse(slow.content))
+    assert error["message"] == "killed by timeout: the plugin did not finish within 1 s"
+    assert ended - started >= 1  # not ended by a deadline an earlier request set

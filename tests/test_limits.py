@@ -168,3 +168,55 @@ def test_the_bytes_buffered_for_slow_clients_are_bounded_across_sessions(
     metrics = httpx.get(f"{daemon.url}/metrics", timeout=30).text
     assert 'plugin_session_buffer_bytes{instance="0",plugin_id="demo/fastproto"} 0.0' in metrics
     assert all(e.ok for e in daemon.invoke(FP, "emit", {"count": 3}))
+
+
+def _answer(sock: socket.socket) -> bytes:
+    """One chunked answer, read to its end; the connection stays open."""
+    data = b""
+    while not data.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def _until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    """What the server sends until it closes the connection, and when it closed it."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data, time.monotonic()
+
+
+def _answers_spaced_out(daemon: Daemon, sock: socket.socket) -> float:
+    """Three invocations on one connection, 0.4 s apart, so that a deadline set by an earlier
+    answer instead of the last would expire first; returns when the last was sent."""
+    for n in range(3):
+        time.sleep(0.4 * (n > 0))
+        sent = time.monotonic()
+        invoke_without_reading(daemon, sock, {"count": 1})
+        assert _answer(sock).startswith(b"HTTP/1.1 200 ")
+    return sent
+
+
+def test_after_an_answer_a_connection_waits_the_keep_alive_time_then_closes_without_a_word(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto(), server_keep_alive_timeout=1, server_request_read_timeout=30)
+    daemon.wait_ready(FP)
+    with connection(daemon) as sock:
+        sent = _answers_spaced_out(daemon, sock)
+        data, closed = _until_closed(sock)
+    assert data == b"" and closed - sent >= 1  # never before the keep-alive time after the last
+
+
+def test_after_an_answer_a_request_not_received_in_time_is_answered_408(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    daemon = start(fastproto(), server_keep_alive_timeout=30, server_request_read_timeout=1)
+    daemon.wait_ready(FP)
+    with connection(daemon) as sock:
+        sent = _answers_spaced_out(daemon, sock)
+        sock.sendall(b"GET /health/check HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        data, closed = _until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408 ") and closed - sent >= 1
