@@ -39,7 +39,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def is_local(request: Request) -> bool:
+def is_local(request: Request, plugins: isolation.PluginMarks | None = None) -> bool:
     """A loopback client that reached us directly or through a trusted proxy, and is no plugin."""
     host = request.client.host if request.client else ""
     if not _loopback(host):
@@ -52,7 +52,7 @@ def is_local(request: Request) -> bool:
             return False
     elif "forwarded" in request.headers:  # RFC 7239: uvicorn does not read it, so it is not trusted
         return False
-    return not isolation.peer_is_plugin(request)
+    return not isolation.peer_is_plugin(request, plugins)
 
 
 def presented_key(request: Request, server_key: str) -> bool:
@@ -66,10 +66,12 @@ def presented_key(request: Request, server_key: str) -> bool:
     return bool(cookie) and hmac.compare_digest(cookie.encode(), cookie_token(server_key).encode())
 
 
-def check(request: Request, access: Access, server_key: str) -> int | None:
+def check(
+    request: Request, access: Access, server_key: str, plugins: isolation.PluginMarks | None = None
+) -> int | None:
     """None if the request may proceed, else the HTTP status to refuse it with."""
     if access is Access.OFF:
         return 404
-    if access is Access.OPEN or (access is Access.LOOPBACK and is_local(request)):
+    if access is Access.OPEN or (access is Access.LOOPBACK and is_local(request, plugins)):
         return None
     return None if presented_key(request, server_key) else 401

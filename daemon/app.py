@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from daemon import __version__, access, dispatch, management, metrics, profiling, tracepage
+from daemon import __version__, access, dispatch, isolation, management, metrics, profiling, tracepage
 from daemon.config import Access, Settings
 from daemon.direct import DirectDispatch
 from daemon.dispatch import KINDS, BadRequest, Kind
@@ -75,7 +75,7 @@ class Daemon:
             self.database = Database.from_settings(self.settings)
             await asyncio.to_thread(self.database.migrate)
         await asyncio.to_thread(import_legacy, self.database, self.settings.legacy_storage_file)
-        self.storage = PluginStorage(self.database)
+        self.storage = PluginStorage(self.database, self.settings.persistence_storage_max_size)
         try:
             specs, errors = discover(self.settings.plugins_dir, self.settings.validator_backend)
         except ManifestError as exc:
@@ -241,16 +241,22 @@ def _refusal(status: int, what: str) -> JSONResponse:
 
 async def prometheus_metrics(request: Request) -> Response:
     daemon: Daemon = request.app.state.daemon
-    refused = access.check(request, daemon.settings.metrics_access, daemon.server_key)
+    refused = access.check(request, daemon.settings.metrics_access, daemon.server_key, _plugin_marks(daemon))
     if refused is not None:
         return _refusal(refused, "/metrics")
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(metrics.REGISTRY), media_type=content_type)
 
 
+def _plugin_marks(daemon: Daemon) -> isolation.PluginMarks:
+    base = daemon.settings.plugin_uid_base
+    parent = daemon.monitor.enforcement.parent if daemon.monitor is not None else None
+    return isolation.PluginMarks(range(base, base + isolation.UID_SPAN), parent)
+
+
 def _debug_refusal(request: Request, daemon: Daemon, what: str) -> Response | None:
     """The debug pages' access rule: a browser without the key is sent to the sign-in form."""
-    refused = access.check(request, daemon.settings.debug_access, daemon.server_key)
+    refused = access.check(request, daemon.settings.debug_access, daemon.server_key, _plugin_marks(daemon))
     if refused == 401:
         return RedirectResponse(f"/debug/login?{urlencode({'next': str(request.url)})}", status_code=303)
     return None if refused is None else _refusal(refused, what)

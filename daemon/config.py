@@ -139,6 +139,9 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=1024, description="per-session buffer between a plugin and a slow caller"
     )
     max_request_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest request body")
+    persistence_storage_max_size: int = Field(
+        100 * 1024 * 1024, ge=1024, description="bytes (keys and values) one plugin may store for one tenant"
+    )
     max_plugin_package_size: int = Field(
         50 * 1024 * 1024, ge=1024, description="largest .difypkg upload, packed and unpacked"
     )

@@ -32,6 +32,7 @@ VALIDATION_ERROR = "ToolOutputValidationError"
 VALIDATION_CRASH = "ToolOutputValidationCrash"
 VALIDATION_TIMEOUT = "ToolOutputValidationTimeout"
 VARIABLE_ERROR = "ToolOutputVariableError"
+OUTPUT_ENCODING_ERROR = "PluginOutputEncodingError"  # a message the codec read but cannot write
 INSTANCE_DIED = "PluginInstanceDiedError"
 SLOW_CLIENT = "SlowClientError"
 TIMEOUT = "PluginExecutionTimeoutError"

@@ -20,7 +20,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 from daemon import metrics, spans, wire
 from daemon.config import Settings
 from daemon.deadlines import Deadline
-from daemon.errors import CLIENT_GONE, SLOW_CLIENT, TIMEOUT, SessionError
+from daemon.errors import CLIENT_GONE, OUTPUT_ENCODING_ERROR, SLOW_CLIENT, TIMEOUT, SessionError
 from daemon.limits import Budget
 from daemon.manifest import ToolSpec
 from daemon.runtime import PluginInstance
@@ -165,10 +165,12 @@ class Invocation:
     async def _relay(self, send_body: SendBody, started: float) -> None:
         session = self.session
         try:
-            await self.instance.open_session(session, self.request)
+            # From before the request is sent: a plugin that stops reading its stdin makes the
+            # send wait (flow control), and that wait must end at the deadline too.
             deadline = _Deadline(self.timeout, self.deadline)
             try:
                 try:
+                    await self.instance.open_session(session, self.request)
                     while batch := await session.next_batch():
                         await self._forward(batch, send_body)
                     self.outcome = "success"
@@ -204,7 +206,11 @@ class Invocation:
         """One batch of the plugin's messages, as one write of success events."""
         clock = time.perf_counter
         encode_started = clock()
-        body = wire.sse_successes(self.codec, batch)
+        try:  # free unless it raises
+            body = wire.sse_successes(self.codec, batch)
+        except (TypeError, ValueError, RecursionError) as exc:  # e.g. nested deeper than orjson writes
+            message = f"the plugin sent a message that cannot be encoded again for the client: {exc}"
+            raise SessionError(OUTPUT_ENCODING_ERROR, message) from None
         self.encode_seconds += clock() - encode_started
         self.messages_out += len(batch)
         self.bytes_out += len(body)

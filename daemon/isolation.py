@@ -9,7 +9,9 @@ A plugin is third-party code. Whatever the mode, the daemon
   ``environ``, memory or file descriptors through ``/proc`` or attach a debugger;
 * does not count a plugin process as a trusted local client of ``/metrics`` and
   ``/debug/*``: a loopback connection whose socket belongs to one of the daemon's
-  descendants needs the key like a remote one (:func:`peer_is_plugin`).
+  descendants, to a process in one of its plugin instances' cgroups (which a process a
+  plugin started and orphaned cannot leave) or to a plugin's uid needs the key like a
+  remote one (:func:`peer_is_plugin`).
 
 A daemon started as root (``PLUGIN_ISOLATION=auto``, the default, or ``uid``) makes the
 state directory 0700 and runs each plugin under its own unprivileged uid and gid
@@ -38,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.requests import Request
+
+from daemon.resources import cgroups
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +258,15 @@ def _proc_address(host: str, port: int) -> tuple[str, str]:
     return ("tcp6" if address.version == 6 else "tcp"), f"{text}:{port:04X}"
 
 
-def _socket_inode(host: str, port: int) -> int | None:
+def _socket_owner(host: str, port: int) -> tuple[int, int] | None:
+    """(inode, uid) of the socket bound to ``host:port``."""
     table, wanted = _proc_address(host, port)
     with contextlib.suppress(OSError), open(f"/proc/net/{table}") as f:
         next(f)
         for line in f:
             fields = line.split()
             if fields[1] == wanted:
-                return int(fields[9])
+                return int(fields[9]), int(fields[7])
     return None
 
 
@@ -279,16 +284,40 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def peer_is_plugin(request: Request) -> bool:
-    """Whether the connection's other end is a socket held by one of our descendants."""
+@dataclass(frozen=True)
+class PluginMarks:
+    """What marks a process as a plugin's besides descent: a double fork leaves the daemon's
+    tree, but not the uid nor the cgroup the plugin runs in."""
+
+    uids: range  # the uids plugins run under (PLUGIN_UID_BASE on)
+    cgroup_parent: Path | None  # where instance cgroups are made, when the kernel enforces limits
+
+
+def _group_members(parent: Path) -> list[int]:
+    found: list[int] = []
+    for procs in parent.glob(f"{cgroups.PREFIX}{os.getpid()}-*/cgroup.procs"):
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(pid) for pid in procs.read_text().split()]
+    return found
+
+
+def peer_is_plugin(request: Request, marks: PluginMarks | None = None) -> bool:
+    """Whether the connection's other end is a socket of a plugin's uid, or held by one of our
+    descendants or by a process in one of our plugin instances' cgroups."""
     client = request.client
     if client is None:
         return False
-    inode = _socket_inode(client.host, client.port)
-    if inode is None:
+    owner = _socket_owner(client.host, client.port)
+    if owner is None:
         return False
+    inode, uid = owner
+    if marks is not None and uid in marks.uids:
+        return True
     target = f"socket:[{inode}]"
-    for pid in _descendants(os.getpid()):
+    pids = set(_descendants(os.getpid()))
+    if marks is not None and marks.cgroup_parent is not None:
+        pids.update(_group_members(marks.cgroup_parent))
+    for pid in pids:
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):

@@ -201,10 +201,11 @@ def success(data: Any) -> JSONResponse:
     return JSONResponse({"code": 0, "message": "success", "data": data})
 
 
-def paged(request: Request) -> tuple[int, int]:
-    """``page`` (from 1) and ``page_size`` (1 to 256), both required as upstream's binding has them."""
+def paged(request: Request, page_size_max: int = PAGE_SIZE_MAX) -> tuple[int, int]:
+    """``page`` (from 1) and ``page_size`` (1 to 256, or ``page_size_max``), both required as
+    upstream's binding has them."""
     values = []
-    for name, top in (("page", PAGE_MAX), ("page_size", PAGE_SIZE_MAX)):
+    for name, top in (("page", PAGE_MAX), ("page_size", page_size_max)):
         raw = request.query_params.get(name, "")
         try:
             value = int(raw)

@@ -303,6 +303,9 @@ def test_bad_requests_get_upstreams_errors(daemon: Daemon, client: httpx.Client)
     assert r.status_code == 415
     r = client.get(f"{url}/list", headers=key, params={"page": 1, "page_size": 101})
     assert r.status_code == 400 and "page_size" in error_of(r)["message"]
+    for page in ("9" * 23, "9" * 5000):  # past SQLite's integers; past int()'s digits
+        r = client.get(f"{url}/list", headers=key, params={"page": page, "page_size": 10})
+        assert r.status_code == 400 and "page" in error_of(r)["message"], r.text
     r = client.get(f"{url}/list/plugin", headers=key, params={"page": 1, "page_size": 10})
     assert r.status_code == 400 and "plugin_id" in error_of(r)["message"]
     assert client.get(f"{url}/list", params={"page": 1, "page_size": 10}).status_code == 401

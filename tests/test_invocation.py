@@ -96,6 +96,34 @@ def test_storage_round_trip_and_unsupported_backwards_calls_fail_fast(
     assert texts == ["héllo", "backwards invocation type 'tool' is not supported by this daemon"]
 
 
+def test_a_message_too_deep_to_encode_again_fails_its_session_with_a_final_event(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    # Deep enough for orjson to read (1024 levels), too deep for it to write (254).
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    r = httpx.post(daemon.invoke_url(), **daemon.invocation(FP, "emit", {"count": 1, "nested_depth": 400}))
+    assert r.status_code == 200, r.text
+    error = last_error(parse_sse(r.content))
+    assert error["error_type"] == "PluginOutputEncodingError"
+    assert "cannot be encoded" in error["message"]
+    assert daemon.invoke(FP, "emit", {"count": 1, "nested_depth": 10})[-1].ok
+    assert daemon.plugins()[FP]["restarts"] == 0
+
+
+def test_a_line_too_deep_for_the_stdlib_codec_is_skipped_without_failing_the_instance(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    # The standard library's decoder raises RecursionError, not ValueError, this deep.
+    daemon = start(fastproto(), codec="json")
+    daemon.wait_ready(FP)
+    events = daemon.invoke(FP, "emit", {"count": 1, "nested_depth": 100_000})
+    assert [e.message["type"] for e in events] == ["text", "variable"]  # the deep line is dropped
+    assert all(e.ok for e in events)
+    assert "printed non-protocol output" in daemon.log_path.read_text(errors="replace")
+    assert daemon.plugins()[FP]["restarts"] == 0
+
+
 def test_timeout_ends_the_session_with_a_final_error(
     start: Callable[..., Daemon], fastproto: Callable[..., Path]
 ) -> None:
@@ -250,6 +278,27 @@ def test_owner_verdict_is_right_behind_a_slow_reader(
     assert last_error(events)["message"] == (
         "output variable 'done' failed 'type': \"not-a-bool\" is not of type \"boolean\""
     )
+
+
+def test_the_deadline_covers_a_request_the_plugin_never_reads(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    # The plugin heartbeats but never reads its stdin: once the pipe and the write buffer are
+    # full, sending the request waits; that wait counts against the execution timeout too.
+    daemon = start(fastproto({"stall_stdin": True}), plugin_max_execution_timeout=2)
+    daemon.wait_ready(FP)
+    pad = "x" * 400_000  # two of these fill the pipe (64 KiB) and the write buffer (256 KiB)
+    with httpx.Client(timeout=60) as client:
+        first = client.post(
+            daemon.invoke_url(), **daemon.invocation(FP, "emit", {"count": 1, "storage_value": pad})
+        )
+        second = client.post(
+            daemon.invoke_url(), **daemon.invocation(FP, "emit", {"count": 1, "storage_value": pad})
+        )
+    for r in (first, second):
+        assert r.status_code == 200, r.text
+        error = last_error(parse_sse(r.content))
+        assert "killed by timeout" in error["message"], error
 
 
 def test_on_a_kept_alive_connection_each_invocation_has_its_whole_timeout(

@@ -31,6 +31,7 @@ PROBE_SHIM = '''"""Wait for probe.json, try to reach the daemon's secrets, repor
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -50,6 +51,35 @@ def attempt(what):
         return type(exc).__name__
 
 
+DETACHED = """
+import os, sys, time, urllib.error, urllib.request
+if os.fork():
+    os._exit(0)  # the grandchild is orphaned: no longer a descendant of the daemon
+os.setsid()
+time.sleep(0.5)
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=10).read()
+    result = "read"
+except urllib.error.HTTPError as exc:
+    result = f"http {exc.code}"
+except OSError as exc:
+    result = type(exc).__name__
+with open("detached.out.new", "w") as out:
+    out.write(result)
+os.replace("detached.out.new", "detached.out")
+"""
+
+
+def detached(url):
+    """What a process the plugin started and detached from itself gets from ``url``."""
+    subprocess.run([sys.executable, "-c", DETACHED, url], check=True)
+    for _ in range(300):
+        if os.path.exists("detached.out"):
+            return open("detached.out").read()
+        time.sleep(0.1)
+    return "no answer"
+
+
 def probe():
     while not os.path.exists("probe.json"):
         time.sleep(0.1)
@@ -61,6 +91,7 @@ def probe():
         "key_file": attempt(lambda: open(config["state"] + "/server.key").read()),
         "storage": attempt(lambda: open(config["state"] + "/state.sqlite3", "rb").read()),
         "metrics": attempt(lambda: urllib.request.urlopen(config["url"] + "/metrics", timeout=10).read()),
+        "metrics_detached": detached(config["url"] + "/metrics"),
     }
     report["key_in_environ"] = bool(environ) and config["key"].encode() in environ[0]
     print("PROBE " + json.dumps(report), file=sys.stderr, flush=True)
@@ -106,6 +137,7 @@ def test_a_plugin_of_the_same_user_cannot_read_the_key_from_the_daemon_nor_use_m
     report = run_probe(daemon, plugins, tmp_path / "state0")
     assert report["key_in_environ"] is False  # the daemon blanked SERVER_KEY once read
     assert report["metrics"] == "http 401"  # a loopback client, but a plugin: it needs the key
+    assert report["metrics_detached"] == "http 401"  # so does a process it started and orphaned
     environ = Path(f"/proc/{daemon.proc.pid}/environ").read_bytes()
     assert daemon.key.encode() not in environ
 

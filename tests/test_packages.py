@@ -168,6 +168,8 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         "entries",
     ),
     "file and folder": (lambda: with_extra("main.py/x", b"x"), "both a file and a folder"),
+    "name too long for the filesystem": (lambda: with_extra("a" * 300 + "/x.py", b"x"), "path too long"),
+    "path too deep for the filesystem": (lambda: with_extra("d/" * 3000 + "x.py", b"x"), "path too long"),
     "not a zip": (lambda: b"PK\x03\x04 this is not really a zip" * 10, "not a difypkg"),
     "no manifest": (
         lambda: zipped([(n, d) for n, d in plugin_files().items() if n != "manifest.yaml"]),

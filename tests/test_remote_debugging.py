@@ -143,3 +143,59 @@ def test_connections_are_bounded(remote: Any) -> None:
                 reply += chunk
     assert reply == b"server is busy now, please try again later\n"
     assert httpx.get(f"{daemon.url}/health/check", timeout=30).status_code == 200
+
+
+PROVIDER = [{"identity": {"name": "p"}, "tools": []}]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "tools", "reason"),
+    [
+        ({"author": "a", "name": "n", "meta": ["not", "an", "object"]}, PROVIDER, "meta must be an object"),
+        ({"author": "a", "name": "n", "meta": {"runner": "x"}}, PROVIDER, "meta.runner must be an object"),
+        ({"author": "a", "name": "n"}, [{"identity": "oops"}], "provider identity must be an object"),
+        ({"author": "a", "name": "n"}, [{"identity": {"name": "p"}, "tools": 5}], "tools must be a list"),
+        (
+            {"author": "a", "name": "n"},
+            [{"identity": {"name": "p"}, "tools": [{"identity": {"name": "t"}, "parameters": 1}]}],
+            "tool t: parameters must be a list",
+        ),
+        ({"author": ["a"], "name": "n"}, PROVIDER, "author missing"),
+    ],
+)
+def test_a_malformed_declaration_is_refused_with_its_reason(
+    remote: Any, manifest: dict[str, Any], tools: list[Any], reason: str
+) -> None:
+    daemon, port, _ = remote
+    key = debugging_key(daemon, "tenant-a")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        for message in (
+            {"type": "handshake", "data": {"key": key}},
+            {"type": "manifest_declaration", "data": manifest},
+            {"type": "tool_declaration", "data": tools},
+            {"type": "end", "data": {}},
+        ):
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        reply = b""
+        while chunk := sock.recv(4096):  # the daemon answers one line, then closes
+            reply += chunk
+    assert reply.endswith(f"{reason}\n".encode()), reply
+    wait_for(lambda: "refused: remote plugin from 127.0.0.1" in daemon.log())
+    assert "Traceback" not in daemon.log()
+    assert list(listed(daemon, "tenant-a")) == [FP]
+
+
+def test_the_number_of_assets_is_bounded(remote: Any) -> None:
+    # Tiny assets cost the daemon far more than their bytes: their count is bounded too. The last
+    # line sent is the one refused, so the daemon has read everything when it closes.
+    daemon, port, _ = remote
+    key = debugging_key(daemon, "tenant-a")
+    lines = [{"type": "handshake", "data": {"key": key}}]
+    lines += [
+        {"type": "asset_chunk", "data": {"filename": f"a{i}.txt", "data": "eA=="}} for i in range(10_001)
+    ]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        reply = sock.recv(4096)
+    assert reply == b"too many assets, at most 10000 files\n"
+    assert list(listed(daemon, "tenant-a")) == [FP]

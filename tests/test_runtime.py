@@ -224,6 +224,22 @@ def test_garbage_lines_are_logged_and_skipped(
     assert daemon.plugins()[FP]["restarts"] == 0
 
 
+def test_stray_stdout_lines_are_logged_at_a_bounded_rate(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path]
+) -> None:
+    # A plugin printing in a loop: ~5 MB of stray lines in a burst, which unbounded would be
+    # ~15 MB of warnings in the daemon's log.
+    lines = 100_000
+    daemon = start(fastproto())
+    daemon.wait_ready(FP)
+    events = daemon.invoke(FP, "emit", {"count": 1, "garbage": lines})
+    assert [e.ok for e in events] == [True, True]
+    text = daemon.log_path.read_text(errors="replace")
+    assert "bytes/s of stdout logging; not logging the rest of this second" in text
+    assert text.count("printed non-protocol output") < lines / 10
+    assert daemon.plugins()[FP]["restarts"] == 0
+
+
 def test_an_oversized_line_fails_the_instance_with_a_clear_error(
     start: Callable[..., Daemon], fastproto: Callable[..., Path]
 ) -> None:
@@ -304,3 +320,28 @@ def test_plugins_die_with_the_daemon_even_on_sigkill(
     daemon.proc.kill()
     daemon.proc.wait()
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids))
+
+
+def test_a_plugin_that_dies_while_a_detached_child_holds_its_pipes_is_failed_and_restarted(
+    start: Callable[..., Daemon], fastproto: Callable[..., Path], tmp_path: Path
+) -> None:
+    # The child (fastproto's orphan_pipes) leaves the plugin's process group, so killing the
+    # group does not close the pipes: the daemon must notice the plugin's own exit, not wait
+    # for stdout's end (the liveness limit, an hour here, would be the only way out).
+    daemon = start(fastproto(), plugin_liveness_timeout=3600)
+    daemon.wait_ready(FP)
+    (first_pid,) = daemon.instance_pids(FP)
+    try:
+        events = daemon.invoke(FP, "emit", {"count": 3, "crash_at": 1, "orphan_pipes": True}, timeout=60)
+        error = last_error(events)
+        assert error["error_type"] == "PluginInstanceDiedError"
+        assert "exited (exit code 3)" in error["message"]
+        daemon.wait_ready(FP, limit=60)
+        assert daemon.instance_pids(FP) != [first_pid]
+        assert daemon.invoke(FP, "emit", {"count": 1}, timeout=60)[-1].ok
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if str(tmp_path) in cmdline and "time.sleep(3600)" in cmdline:  # the orphan, if still alive
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()

@@ -41,6 +41,22 @@ def test_the_longest_key_and_the_largest_value_are_kept_whole(services: Backward
     assert call(services, "t1", "a/b", opt="get", key=key) == {"data": value.hex()}
 
 
+def test_a_namespace_holds_at_most_its_quota_of_keys_and_values(database: Database) -> None:
+    services = BackwardsServices(PluginStorage(database, max_bytes=4096))
+    kib = (b"v" * 1024).hex()
+    for i in range(3):
+        assert call(services, "t1", "a/b", opt="set", key=f"k{i}", value=kib) == {"data": "ok"}
+    with pytest.raises(BackwardsError, match="storage is full"):
+        call(services, "t1", "a/b", opt="set", key="k3", value=kib)  # 4 KiB of values, plus the keys
+    assert call(services, "t1", "a/b", opt="exist", key="k3") == {"data": False}  # nothing written
+    assert call(services, "t1", "a/b", opt="set", key="k0", value=kib) == {"data": "ok"}  # replaced
+    assert call(services, "t1", "a/b", opt="set", key="k3", value="00") == {"data": "ok"}  # it fits
+    assert call(services, "t2", "a/b", opt="set", key="k9", value=kib) == {"data": "ok"}  # per tenant
+    assert call(services, "t1", "a/c", opt="set", key="k9", value=kib) == {"data": "ok"}  # per plugin
+    assert call(services, "t1", "a/b", opt="del", key="k1") == {"data": "ok"}
+    assert call(services, "t1", "a/b", opt="set", key="k4", value=kib) == {"data": "ok"}  # room again
+
+
 def test_keys_are_never_visible_across_tenants_or_plugins(services: BackwardsServices) -> None:
     call(services, "t1", "a/b", opt="set", key="k", value="01")
     for tenant, plugin in [("t2", "a/b"), ("t1", "a/c")]:

@@ -112,17 +112,6 @@ async def _body(request: Request, model: type[M]) -> M:
         raise BadRequest(400, exc.message, exc.errors) from None
 
 
-def _paged(request: Request) -> tuple[int, int]:
-    values = []
-    for name, top in (("page", None), ("page_size", PAGE_SIZE_MAX)):
-        raw = request.query_params.get(name, "")
-        if not raw.isdigit() or int(raw) < 1 or (top is not None and int(raw) > top):
-            bound = f"an integer from 1 to {top}" if top else "an integer of at least 1"
-            raise BadRequest(400, f"query parameter {name} must be {bound}, got {raw!r}")
-        values.append(int(raw))
-    return values[0], values[1]
-
-
 async def _installed(
     request: Request, tenant: str, found: Callable[[list[management.Installed]], bool]
 ) -> list[management.Installed]:
@@ -187,7 +176,7 @@ async def setup_endpoint(request: Request, tenant: str, endpoints: Endpoints) ->
 
 @route
 async def list_endpoints(request: Request, tenant: str, endpoints: Endpoints) -> Any:
-    page, size = _paged(request)
+    page, size = management.paged(request, PAGE_SIZE_MAX)
     rows = await endpoints.page(tenant, page, size)
     declarations = await declarations_of(request, tenant, {e.plugin_id for e in rows})
     return [_listed(e, declarations.get(e.plugin_id)) for e in rows]
@@ -198,7 +187,7 @@ async def list_plugin_endpoints(request: Request, tenant: str, endpoints: Endpoi
     plugin_id = request.query_params.get("plugin_id", "")
     if not plugin_id:
         raise BadRequest(400, "missing query parameter: plugin_id")
-    page, size = _paged(request)
+    page, size = management.paged(request, PAGE_SIZE_MAX)
     rows = await endpoints.page(tenant, page, size, plugin_id)
     declaration = (await declarations_of(request, tenant, {plugin_id} if rows else set())).get(plugin_id)
     return [_listed(e, declaration) for e in rows]

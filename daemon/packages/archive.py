@@ -23,6 +23,10 @@ from typing import IO
 # A file's type lives in the high 16 bits of ``external_attr`` when made on a Unix system.
 _TYPE_SHIFT = 16
 _CHUNK = 64 * 1024
+# What any filesystem takes: a name of 255 bytes; a whole path well inside PATH_MAX (4096) once
+# below the folder it is extracted into.
+_NAME_BYTES = 255
+_PATH_BYTES = 1024
 
 
 class PackageError(ValueError):
@@ -58,6 +62,12 @@ def _clean(raw: str) -> str:
     name = posixpath.normpath(raw)
     if name in (".", "") or name.startswith("../"):
         raise PackageError(f"refused: unsafe path {raw!r} in the package")
+    encoded = name.encode(errors="surrogateescape")
+    if len(encoded) > _PATH_BYTES or any(len(part) > _NAME_BYTES for part in encoded.split(b"/")):
+        raise PackageError(
+            f"refused: path too long in the package ({raw[:80]!r}...): at most {_NAME_BYTES} bytes"
+            f" a name and {_PATH_BYTES} in all"
+        )
     return name
 
 
@@ -138,10 +148,10 @@ def extract(archive: zipfile.ZipFile, found: list[Entry], dest: Path, limits: Li
     written = 0
     for entry in found:
         target = dest.joinpath(*entry.name.split("/"))
-        target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         size = 0
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise PackageError(f"refused: {entry.name} cannot be extracted ({exc.strerror})") from None

@@ -25,8 +25,9 @@ from opentelemetry.trace import Status, StatusCode
 
 from daemon import wire
 from daemon.errors import SessionError
+from daemon.runtime.plugin_log import LogBudget
 from daemon.session import Session
-from daemon.state import MAX_VALUE_BYTES, PluginStorage
+from daemon.state import MAX_VALUE_BYTES, PluginStorage, StorageFull
 
 log = logging.getLogger("daemon.runtime")
 _tracer = trace.get_tracer("daemon.runtime")
@@ -70,7 +71,10 @@ class BackwardsServices:
                 raise BackwardsError("storage value must be a hex string")
             if len(raw) > MAX_VALUE_BYTES:
                 raise BackwardsError(f"storage value larger than {MAX_VALUE_BYTES} bytes")
-            await self.storage.set(tenant, plugin, key, raw)
+            try:
+                await self.storage.set(tenant, plugin, key, raw)
+            except StorageFull as exc:
+                raise BackwardsError(str(exc)) from None
             return {"data": "ok"}
         if opt == "get":
             found = await self.storage.get(tenant, plugin, key)
@@ -94,6 +98,7 @@ class BackwardsCalls:
         self._send = send
         self._by_session: dict[str, set[asyncio.Task[None]]] = {}
         self._count = 0
+        self._log_budget = LogBudget(name, "malformed backwards invocations")
 
     @property
     def active(self) -> int:
@@ -143,7 +148,9 @@ class BackwardsCalls:
 
     async def _answer(self, session: Session, invocation: Any) -> None:
         if not isinstance(invocation, dict) or not isinstance(invocation.get("backwards_request_id"), str):
-            log.warning("plugin %s sent a malformed backwards invocation: %r", self._name, invocation)
+            shown = repr(invocation)[:200]
+            if self._log_budget.allow(len(shown)):
+                log.warning("plugin %s sent a malformed backwards invocation: %s", self._name, shown)
             return
         request_id = invocation["backwards_request_id"]
         request = invocation.get("request")

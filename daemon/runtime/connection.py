@@ -33,6 +33,7 @@ from daemon.errors import INSTANCE_DIED, SHUTDOWN, SessionError
 from daemon.manifest import PluginSpec
 from daemon.resources.monitor import InstanceResources
 from daemon.runtime.backwards import BackwardsCalls, BackwardsServices
+from daemon.runtime.plugin_log import LogBudget
 from daemon.session import Session
 from daemon.wire import Codec
 
@@ -40,6 +41,7 @@ log = logging.getLogger("daemon.runtime")
 _tracer = trace.get_tracer("daemon.runtime")
 _DECODE_SECONDS = metrics.serialization_seconds.labels("decode")
 
+_LOGGED_CHARS = 2000  # of one plugin log message, error or stray line (longer ones are cut)
 _PLUGIN_LOG_LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -113,6 +115,8 @@ class Connection:
         self._dead = False  # set at the transport's end before it fails the open sessions
         self._death: SessionError | None = None
         self.backwards = BackwardsCalls(self.name, services, self.send)
+        # The plugin's log and error events and stray lines, copied into our log at a bounded rate.
+        self._log_budget = LogBudget(self.name, "stdout logging")
         # A local process's resource figures and limits (daemon/resources); None over TCP.
         self.resources: InstanceResources | None = getattr(transport, "resources", None)
 
@@ -237,12 +241,13 @@ class Connection:
             started = clock()
             try:
                 obj = loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # the stdlib decoder's depth limit is a RecursionError
                 obj = None
             decoded = clock() - started
             decode_total += decoded
             if not isinstance(obj, dict):
-                log.warning("plugin %s printed non-protocol output: %r", self.name, line[:200])
+                if self._log_budget.allow(min(len(line), 200)):
+                    log.warning("plugin %s printed non-protocol output: %r", self.name, line[:200])
                 continue
             event = obj.get("event")
             if event == wire.EVENT_SESSION:
@@ -273,7 +278,9 @@ class Connection:
             elif event == wire.EVENT_LOG:
                 self._forward_log(obj.get("data"))
             elif event == wire.EVENT_ERROR:
-                log.error("plugin %s reported an error: %s", self.name, obj.get("data"))
+                error = str(obj.get("data"))[:_LOGGED_CHARS]
+                if self._log_budget.allow(len(error)):
+                    log.error("plugin %s reported an error: %s", self.name, error)
             # anything else (the SDK's bare manifest line) carries nothing for us
         for session_id in list(pending):
             flush(session_id)
@@ -281,8 +288,10 @@ class Connection:
 
     def _forward_log(self, data: Any) -> None:
         if isinstance(data, dict):
-            level = _PLUGIN_LOG_LEVELS.get(str(data.get("level", "info")).lower(), logging.INFO)
-            log.log(level, "plugin %s: %s", self.name, data.get("message"))
+            message = str(data.get("message"))[:_LOGGED_CHARS]
+            if self._log_budget.allow(len(message)):
+                level = _PLUGIN_LOG_LEVELS.get(str(data.get("level", "info"))[:16].lower(), logging.INFO)
+                log.log(level, "plugin %s: %s", self.name, message)
 
     def _on_close(self, outcome: str) -> None:
         """The transport ended (any thread): every open session ends now, with the cause."""
@@ -294,6 +303,7 @@ class Connection:
         for session in failed:
             session.fail(self._death)
         log.log(logging.INFO if self._stopping else logging.WARNING, "%s", message)
+        self._log_budget.flush()
         with _tracer.start_as_current_span("plugin.exit") as span:
             span.set_attributes(
                 {

@@ -10,7 +10,11 @@ session when its ``end`` arrives, before the session's consumer (the request's t
 the closer and the consumer are different tasks, which is the race the validator designs
 differ on. (A reader thread with a hand-off to the loop per chunk cost more CPU per
 invocation than the rest of the relay's reading; ``bench/HISTORY.md``.) The end of the stream
-is handled on a short-lived thread, because reaping waits for the process. A stderr thread
+is handled on a short-lived thread, because reaping waits for the process. The end of the
+stream is not the end of the process: a child the plugin started in a session of its own (out
+of reach of the group kill) can hold stdout and stderr open for ever. So a thread waits for the
+process itself, and once it has exited gives stdout a moment to drain, then ends the stream
+(and the stderr thread stops once the process is reaped). A stderr thread
 keeps a bounded tail for the pool's ``failed`` state and logs at a bounded rate. Writes go
 through an asyncio pipe transport with flow control: :meth:`send` waits while the plugin is
 not reading, so requests cannot pile up in the daemon. Frames sent in one turn of the event
@@ -27,6 +31,7 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -41,6 +46,7 @@ import uvloop
 from daemon.errors import INSTANCE_DIED
 from daemon.manifest import PluginSpec
 from daemon.resources.monitor import InstanceResources
+from daemon.runtime.plugin_log import LogBudget
 
 log = logging.getLogger("daemon.runtime")
 
@@ -48,7 +54,7 @@ READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024  # bytes queued for a plugin's stdin before send() waits
 STDERR_LINE_CHARS = 2000  # longer stderr lines are cut (the rest is read and dropped)
 STDERR_TAIL_LINES = 20  # kept for GET /plugins when the plugin fails to start
-STDERR_LOG_BYTES_PER_S = 64 * 1024  # stderr copied into the daemon's log, at most
+EXIT_DRAIN_SECONDS = 1.0  # how long a pipe may stay open after the process exits (a child holds it)
 _SETPRIV = shutil.which("setpriv")
 
 LinesHandler = Callable[[list[bytes]], None]
@@ -168,9 +174,7 @@ class StderrTail:
         self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._lock = threading.Lock()  # the stderr thread appends, the loop takes snapshots
         self.done = threading.Event()  # set when the stream has ended
-        self._window_start = time.monotonic()
-        self._window_bytes = 0
-        self._suppressed = 0
+        self._budget = LogBudget(name, "stderr")
 
     def add(self, raw: bytes) -> None:
         line = raw.decode(errors="replace").rstrip()
@@ -178,34 +182,11 @@ class StderrTail:
             return
         with self._lock:
             self._lines.append(line[:STDERR_LINE_CHARS])
-        now = time.monotonic()
-        if now - self._window_start >= 1.0:
-            self._flush_suppressed()
-            self._window_start, self._window_bytes = now, 0
-        self._window_bytes += len(raw)
-        if self._window_bytes > STDERR_LOG_BYTES_PER_S:
-            if not self._suppressed:
-                log.warning(
-                    "plugin %s: more than %d bytes/s of stderr; not logging the rest of this second",
-                    self._name,
-                    STDERR_LOG_BYTES_PER_S,
-                )
-            self._suppressed += len(raw)
-            return
-        log.info("plugin %s stderr: %s", self._name, line[:STDERR_LINE_CHARS])
-
-    def _flush_suppressed(self) -> None:
-        if self._suppressed:
-            log.warning(
-                "plugin %s: %d bytes of stderr not logged (more than %d bytes/s)",
-                self._name,
-                self._suppressed,
-                STDERR_LOG_BYTES_PER_S,
-            )
-            self._suppressed = 0
+        if self._budget.allow(len(raw)):
+            log.info("plugin %s stderr: %s", self._name, line[:STDERR_LINE_CHARS])
 
     def close(self) -> None:
-        self._flush_suppressed()
+        self._budget.flush()
         self.done.set()
 
     def snapshot(self) -> list[str]:
@@ -255,6 +236,8 @@ class ProcessTransport:
         # Held while signalling and while reaping: a reaped pid may belong to someone else.
         self._reap_lock = threading.Lock()
         self._reaped = False
+        self._reaped_at = 0.0
+        self._stream_ended = threading.Event()  # set once stdout's end is being handled
 
     async def start(self, on_lines: LinesHandler, on_close: Callable[[str], None]) -> None:
         """Spawn; ``on_lines`` is called on the loop, then ``on_close(outcome)`` on another thread."""
@@ -290,6 +273,7 @@ class ProcessTransport:
             self.kill("failed to start its reader")
             await asyncio.to_thread(self._reap)
             raise
+        threading.Thread(target=self._watch_exit, name=f"exit {self.name}", daemon=True).start()
         log.info("plugin %s: spawned pid %d", self.name, self.pid)
 
     @property
@@ -334,6 +318,7 @@ class ProcessTransport:
     def _end(self, reason: str, on_close: Callable[[str], None]) -> None:
         """Stdout ended (``reason`` if reading stopped early): kill, reap, report the cause once."""
         assert self._proc is not None
+        self._stream_ended.set()
         if not reason:
             # EOF usually means exit: give it a moment.
             reason = "exited" if self._exited_within(1.0) else "closed its stdout"
@@ -357,6 +342,22 @@ class ProcessTransport:
             with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
                 self._loop.call_soon_threadsafe(self._set_exited, outcome)
 
+    def _watch_exit(self) -> None:
+        """Wait for the process itself; if its stdout outlives it (a detached child inherited
+        it), end the stream after a moment for the last lines, as an EOF would."""
+        assert self._proc is not None
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        if self._stream_ended.wait(EXIT_DRAIN_SECONDS):
+            return
+        log.warning("plugin %s: exited, but a child of it holds its stdout open", self.name)
+        with contextlib.suppress(RuntimeError):  # the loop is gone at interpreter exit
+            self._loop.call_soon_threadsafe(self._close_stdout)
+
+    def _close_stdout(self) -> None:
+        if self._stdout is not None and not self._stdout.is_closing():
+            self._stdout.close()  # the reader's connection_lost follows, as at EOF
+
     def _exited_within(self, seconds: float) -> bool:
         assert self._proc is not None
         deadline = time.monotonic() + seconds
@@ -375,6 +376,7 @@ class ProcessTransport:
             os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
         with self._reap_lock:
             code = self._proc.wait()
+            self._reaped_at = time.monotonic()
             self._reaped = True
         return code
 
@@ -385,8 +387,19 @@ class ProcessTransport:
         limit = STDERR_LINE_CHARS * 4  # bytes: room for any UTF-8 text of the kept length
         pending = b""
         overlong = False  # the current line already hit the limit; drop until its newline
+        poller = select.poll()  # not select(): the daemon's descriptors may exceed FD_SETSIZE
+        poller.register(fd, select.POLLIN)
         try:
-            while chunk := os.read(fd, READ_CHUNK):
+            while True:
+                readable = poller.poll(500)
+                # Once the process is reaped, a child that inherited stderr must not keep us.
+                if self._reaped and (not readable or time.monotonic() - self._reaped_at > EXIT_DRAIN_SECONDS):
+                    break
+                if not readable:
+                    continue
+                chunk = os.read(fd, READ_CHUNK)
+                if not chunk:
+                    break
                 *lines, rest = chunk.split(b"\n")
                 for line in lines:
                     if not overlong:

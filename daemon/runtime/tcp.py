@@ -39,6 +39,7 @@ REGISTRATION_LINE_BYTES = 4 * 1024 * 1024  # a declaration or an asset chunk
 MAX_CONNECTIONS = 64  # registering and registered, at once (upstream bounds them too)
 REGISTRATION_TIMEOUT = 30.0  # seconds from connect to ``end`` (upstream: 10 s to the handshake)
 MAX_ASSET_BYTES = 50 * 1024 * 1024  # as upstream
+MAX_ASSETS = 10_000  # files, as many as a package may hold (each costs far more than its bytes)
 READ_CHUNK = 256 * 1024
 
 
@@ -151,16 +152,33 @@ def spec_from_declaration(
             raise ManifestError(f"{where}: {what} missing")
         return value
 
+    # The SDK sends what the author's YAML says: any JSON, so each level's type is checked.
+    def mapping(value: Any, what: str) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ManifestError(f"{where}: {what} must be an object")
+        return value
+
+    def sequence(value: Any, what: str) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ManifestError(f"{where}: {what} must be a list")
+        return value
+
     providers: dict[str, ProviderSpec] = {}
     for provider in tool_providers:
         if not isinstance(provider, Mapping):
             raise ManifestError(f"{where}: a tool provider declaration must be an object")
-        name = text((provider.get("identity") or {}).get("name"), "provider identity.name")
+        name = text(
+            mapping(provider.get("identity"), "provider identity").get("name"), "provider identity.name"
+        )
         tools: dict[str, ToolSpec] = {}
-        for tool in provider.get("tools") or []:
+        for tool in sequence(provider.get("tools"), f"provider {name}: tools"):
             if not isinstance(tool, Mapping):
                 raise ManifestError(f"{where}: a tool declaration must be an object")
-            tool_name = text((tool.get("identity") or {}).get("name"), "tool identity.name")
+            tool_name = text(mapping(tool.get("identity"), "tool identity").get("name"), "tool identity.name")
             schema = tool.get("output_schema")
             compiled = None
             if isinstance(schema, Mapping) and schema:
@@ -168,14 +186,15 @@ def spec_from_declaration(
                     compiled = OutputSchema(schema, settings.validator_backend)
                 except SchemaDeclarationError as exc:
                     raise ManifestError(f"{where}: tool {tool_name}: {exc}") from None
-            parameters = tuple(p for p in tool.get("parameters") or [] if isinstance(p, Mapping))
+            declared = sequence(tool.get("parameters"), f"tool {tool_name}: parameters")
+            parameters = tuple(p for p in declared if isinstance(p, Mapping))
             tools[tool_name] = ToolSpec(tool_name, parameters, compiled)
         providers[name] = ProviderSpec(name, tools)
     if not providers and not other_providers:
         raise ManifestError(
             f"{where}: declares no providers (tool, model, agent strategy, datasource, trigger or endpoint)"
         )
-    runner = (manifest.get("meta") or {}).get("runner") or {}
+    runner = mapping(mapping(manifest.get("meta"), "meta").get("runner"), "meta.runner")
     return PluginSpec(
         path=path,
         author=text(manifest.get("author"), "author"),
@@ -311,7 +330,11 @@ class RemoteDebugging:
         try:
             async with asyncio.timeout(REGISTRATION_TIMEOUT):
                 tenant, spec, assets, early, declared = await self._register(reader, peer)
-        except (RegistrationError, ManifestError, TimeoutError, ConnectionError, ValueError) as exc:
+        except Exception as exc:  # whatever the plugin sent, it gets a reason and the socket is closed
+            if not isinstance(
+                exc, (RegistrationError, ManifestError, TimeoutError, ConnectionError, ValueError)
+            ):
+                log.exception("remote plugin from %s: registration failed", peer)
             reason = str(exc) or ("registration timed out" if isinstance(exc, TimeoutError) else repr(exc))
             log.warning("remote plugin from %s refused: %s", peer, reason)
             with contextlib.suppress(ConnectionError, OSError):
@@ -393,7 +416,10 @@ class RemoteDebugging:
                 asset_bytes += len(chunk)
                 if asset_bytes > MAX_ASSET_BYTES:
                     raise RegistrationError("assets too large, at most 50MB")
-                assets.setdefault(str(data.get("filename")), bytearray()).extend(chunk)
+                filename = str(data.get("filename"))
+                if filename not in assets and len(assets) >= MAX_ASSETS:
+                    raise RegistrationError(f"too many assets, at most {MAX_ASSETS} files")
+                assets.setdefault(filename, bytearray()).extend(chunk)
             elif kind == "end":
                 if manifest is None:
                     raise RegistrationError("no manifest declaration before end")

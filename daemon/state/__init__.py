@@ -9,6 +9,6 @@ Tables are SQLAlchemy Core ``sa.Table`` objects kept in the module of the domain
 """
 
 from daemon.state.database import Database, DatabaseError, upsert
-from daemon.state.storage import MAX_VALUE_BYTES, PluginStorage
+from daemon.state.storage import MAX_VALUE_BYTES, PluginStorage, StorageFull
 
-__all__ = ["MAX_VALUE_BYTES", "Database", "DatabaseError", "PluginStorage", "upsert"]
+__all__ = ["MAX_VALUE_BYTES", "Database", "DatabaseError", "PluginStorage", "StorageFull", "upsert"]

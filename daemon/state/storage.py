@@ -37,15 +37,38 @@ def _where(tenant: str, plugin: str, key: str) -> sa.ColumnElement[bool]:
     return sa.and_(c.tenant_id == tenant, c.plugin_id == plugin, c.key == key)
 
 
-class PluginStorage:
-    """A key/value store per (tenant, plugin) on the daemon's database."""
+class StorageFull(Exception):
+    """A write that would take a namespace past its quota; nothing was written."""
 
-    def __init__(self, database: Database) -> None:
+
+class PluginStorage:
+    """A key/value store per (tenant, plugin) on the daemon's database, each namespace holding at
+    most ``max_bytes`` of keys and values (upstream's ``PERSISTENCE_STORAGE_MAX_SIZE``): without a
+    bound, a plugin writing new keys in a loop fills the database's disk for every tenant."""
+
+    def __init__(self, database: Database, max_bytes: int = 100 * 1024 * 1024) -> None:
         self.database = database
+        self.max_bytes = max_bytes
 
     async def set(self, tenant: str, plugin: str, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key``; :class:`StorageFull` if the namespace would pass its quota
+        (the value it replaces does not count)."""
         row = {"tenant_id": tenant, "plugin_id": plugin, "key": key, "value": value}
-        await self.database.run(lambda c: upsert(c, plugin_storage, row, ("tenant_id", "plugin_id", "key")))
+        c = plugin_storage.c
+        others = sa.select(
+            sa.func.coalesce(sa.func.sum(sa.func.length(c.value) + sa.func.length(c.key)), 0)
+        ).where(c.tenant_id == tenant, c.plugin_id == plugin, c.key != key)
+
+        def write(connection: sa.Connection) -> None:
+            used = int(connection.scalar(others) or 0)
+            if used + len(value) + len(key) > self.max_bytes:
+                raise StorageFull(
+                    f"storage is full: {used} of {self.max_bytes} bytes used, "
+                    f"{len(value) + len(key)} more asked (PERSISTENCE_STORAGE_MAX_SIZE)"
+                )
+            upsert(connection, plugin_storage, row, ("tenant_id", "plugin_id", "key"))
+
+        await self.database.run(write)
 
     async def get(self, tenant: str, plugin: str, key: str) -> bytes | None:
         query = sa.select(plugin_storage.c.value).where(_where(tenant, plugin, key))

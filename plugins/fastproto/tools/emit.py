@@ -7,6 +7,8 @@ storage and invoke_other steps included); error_at and crash_at count them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -91,6 +93,10 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
     if stop_heartbeat:
         session.heartbeats_stopped.set()
     resource_faults(params)
+    if as_bool(params.get("orphan_pipes"), False):
+        # A detached child (its own session, so outside our process group) that inherits
+        # stdout and stderr and outlives us: the pipes stay open after this process exits.
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
 
     flood = as_int(params.get("backwards_flood"), 0)
     # storage calls sent without waiting for their answers: reads, or writes if flood_writes
@@ -103,6 +109,13 @@ def invoke(session: Session, params: dict[str, Any]) -> ToolStream:
 
     for i in range(as_int(params.get("garbage"), 0)):
         session.out.raw(f"fastproto stray print {i}: this line is not JSON\n")
+    depth = as_int(params.get("nested_depth"), 0)
+    if depth > 0:
+        # Written by hand: json.dumps itself gives up past ~1000 levels.
+        nested = "[" * depth + "]" * depth
+        message = '{"type":"json","message":{"json_object":{"nested":' + nested + '}},"meta":null}'
+        head = '{"event":"session","session_id":"' + session.session_id + '","data":{"type":"stream","data":'
+        session.out.raw(head + message + "}}\n")
     oversized = as_int(params.get("oversized"), 0)
     if oversized > 0:
         # A real stream message of this session, so the daemon cannot just skip it.
